@@ -1,0 +1,88 @@
+"""Celery tasks: placement and the periodic sweeps that keep state honest.
+
+Tasks take ids, never wait for an agent, and never wait for another task.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from asgiref.sync import async_to_sync
+from celery import shared_task
+from django.conf import settings
+from django.utils import timezone
+
+from apps.inference.models import InferenceJob, Placement
+from apps.inference.services import dispatch, placement
+from apps.registry import services as registry
+
+logger = logging.getLogger(__name__)
+
+
+@shared_task
+def place_model(model_pk: int) -> list[int]:
+    return placement.advance(model_pk)
+
+
+@shared_task
+def advance_placement(model_pk: int) -> list[int]:
+    return placement.advance(model_pk)
+
+
+@shared_task
+def sweep_nodes() -> dict[str, int]:
+    """Flush heartbeats to PostgreSQL and take nodes whose heartbeats stopped offline.
+
+    A live consumer closes a silent agent itself; this sweep catches nodes
+    whose gateway process died, so no consumer is left to do it.
+    """
+    flushed = registry.flush_heartbeats()
+    stale = registry.stale_node_ids(time.time())
+    for node_id in stale:
+        try:
+            node_lost(node_id, "heartbeats stopped and no gateway process holds its socket")
+        except Exception:
+            logger.exception("sweep could not take node %s offline; retrying next sweep", node_id)
+    if stale:
+        logger.warning("sweep took %s stale nodes offline: %s", len(stale), stale)
+    return {"flushed": flushed, "stale": len(stale)}
+
+
+def node_lost(node_id: int, reason: str) -> None:
+    """Take a node offline, fail its jobs over and re-place its transfers."""
+    registry.mark_offline(node_id, reason)
+    async_to_sync(dispatch.fail_over_node)(node_id, reason)
+    for model_pk in set(placement.fail_node_transfers(node_id, f"node went offline: {reason}")):
+        advance_placement.delay(model_pk)
+
+
+@shared_task
+def sweep_jobs() -> dict[str, int]:
+    """Fail over attempts that ran past ATTEMPT_TIMEOUT and fail jobs past their deadline.
+
+    Keeps every accepted job moving towards succeeded or failed even when the
+    process that was waiting for it died.
+    """
+    now = timezone.now()
+    expired = list(InferenceJob.objects.filter(status=InferenceJob.Status.RUNNING, deadline__lt=now).values_list("pk", flat=True)[:500])
+    for job_id in expired:
+        async_to_sync(dispatch.fail_job)(str(job_id), code="timeout", message="the job passed its deadline before any node answered")
+    stalled_before = now - timezone.timedelta(seconds=settings.GRID["ATTEMPT_TIMEOUT"])
+    stalled = list(
+        InferenceJob.objects.filter(status=InferenceJob.Status.RUNNING, dispatched__lt=stalled_before).values_list("pk", flat=True)[:500]
+    )
+    for job_id in stalled:
+        async_to_sync(dispatch.fail_over_if_stalled)(str(job_id))
+    return {"expired": len(expired), "stalled": len(stalled)}
+
+
+@shared_task
+def sweep_placements() -> int:
+    """Fail transfers that have run past PLACEMENT_TIMEOUT, then re-place them."""
+    limit = timezone.now() - timezone.timedelta(seconds=settings.GRID["PLACEMENT_TIMEOUT"])
+    stuck = list(Placement.objects.filter(status__in=placement.ACTIVE, updated__lt=limit).values_list("pk", "model_id"))
+    for placement_pk, model_pk in stuck:
+        placement.mark_failed(placement_pk, f"transfer did not finish within {settings.GRID['PLACEMENT_TIMEOUT']} s")
+        advance_placement.delay(model_pk)
+    return len(stuck)

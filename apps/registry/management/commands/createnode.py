@@ -1,0 +1,24 @@
+from django.core.management.base import BaseCommand, CommandError
+
+from apps.registry.models import Node
+
+
+class Command(BaseCommand):
+    help = "Enroll a node and print its token once. Only the token's hash is stored."
+
+    def add_arguments(self, parser):
+        parser.add_argument("name")
+        parser.add_argument("--rotate", action="store_true", help="issue a new token for an existing node")
+
+    def handle(self, *args, **options):
+        name = options["name"]
+        node = Node.objects.filter(name=name).first()
+        if node is not None:
+            if not options["rotate"]:
+                raise CommandError(f"node {name!r} exists; pass --rotate to replace its token")
+            plain = node.rotate_token()
+        else:
+            if not 1 <= len(name) <= 100:
+                raise CommandError("node name must be 1 to 100 characters")
+            node, plain = Node.enroll(name)
+        self.stdout.write(plain)

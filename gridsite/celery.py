@@ -1,0 +1,21 @@
+"""The Celery app: placement tasks and the periodic sweeps run by beat."""
+
+import os
+
+from celery import Celery
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "gridsite.settings")
+
+app = Celery("gridsite")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.autodiscover_tasks()
+
+
+@app.on_after_finalize.connect
+def schedule_sweeps(sender, **kwargs):
+    from django.conf import settings
+
+    interval = settings.GRID["HEARTBEAT_INTERVAL"]
+    sender.add_periodic_task(interval, sender.signature("apps.inference.tasks.sweep_nodes"), name="sweep nodes")
+    sender.add_periodic_task(max(1.0, interval), sender.signature("apps.inference.tasks.sweep_jobs"), name="sweep jobs")
+    sender.add_periodic_task(30.0, sender.signature("apps.inference.tasks.sweep_placements"), name="sweep placements")

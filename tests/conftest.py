@@ -1,0 +1,24 @@
+import os
+import uuid
+
+import pytest
+
+try:
+    from django.conf import settings
+except ImportError:  # Client and agent tests run without Django.
+    settings = None
+
+
+@pytest.fixture(autouse=True, scope="session")
+def isolated_redis_prefix():
+    """Give this test session its own Redis key and channel prefix.
+
+    Settings are read before conftest files load, so the prefix is changed on
+    the settings object itself, before any channel layer is created.
+    """
+    if settings is None or not settings.configured:
+        yield None
+        return
+    prefix = f"gridtest{os.getpid()}{uuid.uuid4().hex[:6]}"
+    settings.CHANNEL_LAYERS["default"]["CONFIG"]["prefix"] = prefix
+    yield prefix
