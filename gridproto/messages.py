@@ -29,6 +29,7 @@ GATEWAY_MESSAGES: dict[str, dict[str, tuple[type, ...]]] = {
     "model.offer": {"sha256": (str,), "size": (int,), "model_id": (str,)},
     "model.evict": {"sha256": (str,)},
     "disconnect": {"reason": (str,)},
+    "error": {"code": (str,), "message": (str,)},
 }
 
 

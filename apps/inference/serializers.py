@@ -24,6 +24,8 @@ def model_status(model: Model) -> tuple[str, str, int]:
     active = [p for p in placements if p.status in (Placement.Status.PENDING, Placement.Status.TRANSFERRING)]
     if len(ready) >= model.replicas:
         return "ready", "", len(ready)
+    if not placements and not model.placement_error:
+        return "placing", "waiting for the placement task", 0
     if active:
         return "placing", f"{len(ready)} of {model.replicas} replicas ready, {len(active)} in transfer", len(ready)
     if ready:
