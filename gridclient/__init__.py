@@ -26,15 +26,19 @@ from .exceptions import (
     Unauthorized,
     Unavailable,
     UnsupportedMediaType,
+    VerificationMismatch,
 )
 from .export import build
-from .info import InferenceInfo, JobInfo, ModelInfo, Placement
+from .info import DatasetRef, InferenceInfo, JobInfo, ModelInfo, Placement
+from .jobs import AsyncJob, Job
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncGridNetwork",
+    "AsyncJob",
     "Conflict",
+    "DatasetRef",
     "Forbidden",
     "GatewayTimeout",
     "GridConnectionError",
@@ -42,6 +46,7 @@ __all__ = [
     "GridNetwork",
     "InferenceInfo",
     "InvalidInput",
+    "Job",
     "JobInfo",
     "ModelError",
     "ModelInfo",
@@ -54,5 +59,6 @@ __all__ = [
     "Unauthorized",
     "Unavailable",
     "UnsupportedMediaType",
+    "VerificationMismatch",
     "build",
 ]

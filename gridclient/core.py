@@ -1,14 +1,16 @@
 """HTTP logic shared by the sync and async clients.
 
-Each client operation is a generator that yields two kinds of effect and
+Each client operation is a generator that yields three kinds of effect and
 returns its result. The runner sends the request of a ``Send`` and resumes the
-generator with the response, and it waits out a ``Sleep``. GridNetwork runs the
-generators with httpx.Client and time.sleep, and AsyncGridNetwork with
-httpx.AsyncClient and asyncio.sleep, so request building, retries, error
-mapping and polling are written once.
+generator with the response, it waits out a ``Sleep``, and it runs the flows of
+a ``Gather`` concurrently and resumes the generator with their results in
+order. GridNetwork runs the generators with httpx.Client, time.sleep and a
+thread pool, and AsyncGridNetwork with httpx.AsyncClient, asyncio.sleep and
+tasks, so request building, retries, error mapping and polling are written once.
 
 The runner throws an httpx.TransportError into the generator at the ``yield``
-of the ``Send`` that failed.
+of the ``Send`` that failed, and the first exception of a gathered flow at the
+``yield`` of its ``Gather``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import ipaddress
 import logging
 import os
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -53,8 +55,47 @@ class Sleep:
     seconds: float
 
 
-Effect = Send | Sleep
+@dataclass(frozen=True)
+class Gather:
+    """Run flows concurrently and resume with their results, in the flows' order.
+
+    At most ``limit`` flows run at once, and the runner takes each flow from
+    ``flows`` only when a slot is free, so a lazy iterable keeps at most
+    ``limit`` flows alive. ``on_result(index, result)`` is called as each flow
+    finishes, in any order, from the thread or task that yielded the Gather.
+    After the first flow fails, no further flow starts and the runner raises
+    that flow's exception once the flows already running have ended.
+    """
+
+    flows: Iterable[Generator[Any, Any, Any]]
+    limit: int
+    on_result: Callable[[int, Any], None] | None = None
+
+
+Effect = Send | Sleep | Gather
 Flow = Generator[Effect, Any, T]
+
+
+def gather(
+    flows: list[Flow[T]],
+    limit: int,
+    on_result: Callable[[int, Any], None] | None = None,
+) -> Flow[list[T]]:
+    """Run flows through a Gather effect and return their results in order.
+
+    No flow or a single flow runs inline, which saves the runner a thread
+    pool or a task for the common case of a request that needs no splitting.
+    """
+    if limit < 1:
+        raise ValueError(f"concurrency must be at least 1, got {limit}")
+    if not flows:
+        return []
+    if len(flows) > 1:
+        return (yield Gather(flows, limit, on_result))
+    result = yield from flows[0]
+    if on_result is not None:
+        on_result(0, result)
+    return [result]
 
 
 def model_path(model_id: str, suffix: str = "") -> str:
@@ -136,15 +177,18 @@ class Core:
         path: str,
         *,
         idempotent: bool,
+        retries: int | None = None,
         **options: Any,
     ) -> Flow[httpx.Response]:
         """Send a request with retries and return its 2xx response.
 
         Retries on 429 and 503 for every request, on connection failures for
         every request, and on other transport errors (such as a read timeout)
-        only when ``idempotent``. Raises the GridError subclass for the status,
-        or GridConnectionError when the gateway cannot be reached.
+        only when ``idempotent``. ``retries`` overrides the client's number of
+        extra attempts for this request. Raises the GridError subclass for the
+        status, or GridConnectionError when the gateway cannot be reached.
         """
+        max_retries = self.retries if retries is None else retries
         retry = 0
         while True:
             request = self.build_request(method, path, **options)
@@ -152,7 +196,7 @@ class Core:
                 response: httpx.Response = yield Send(request)
             except httpx.TransportError as exc:
                 may_retry = idempotent or isinstance(exc, UNSENT_ERRORS)
-                if not may_retry or retry >= self.retries:
+                if not may_retry or retry >= max_retries:
                     raise self._connection_error(exc) from exc
                 delay = self.backoff * 2**retry
                 logger.warning(
@@ -162,7 +206,7 @@ class Core:
                     delay,
                     type(exc).__name__,
                     retry + 1,
-                    self.retries,
+                    max_retries,
                 )
                 yield Sleep(delay)
                 retry += 1
@@ -171,7 +215,7 @@ class Core:
             if response.is_success:
                 return response
             error = error_from_response(response.status_code, response.content)
-            if response.status_code not in RETRY_STATUSES or retry >= self.retries:
+            if response.status_code not in RETRY_STATUSES or retry >= max_retries:
                 raise error
 
             delay = self._retry_delay(response, retry)
@@ -193,7 +237,7 @@ class Core:
                 response.status_code,
                 error.code,
                 retry + 1,
-                self.retries,
+                max_retries,
             )
             yield Sleep(delay)
             retry += 1

@@ -2,7 +2,8 @@
 
 Every error response from the gateway has the body
 ``{"error": {"code": ..., "message": ..., "field": ...}}`` and maps to one
-subclass of GridError by its HTTP status.
+subclass of GridError by its HTTP status, or by its status and code for the
+errors in CODE_EXCEPTIONS.
 """
 
 from __future__ import annotations
@@ -69,6 +70,14 @@ class NotFound(GridError):
 
 class Conflict(GridError):
     """HTTP 409: for example, a model with this model_id already exists."""
+
+
+class VerificationMismatch(Conflict):
+    """HTTP 409 verification_mismatch: two replicas returned different outputs.
+
+    Raised for ``verify=2``. The message names both nodes and the output that
+    differs, and the gateway records the mismatch on both nodes.
+    """
 
 
 class PayloadTooLarge(GridError):
@@ -141,6 +150,12 @@ STATUS_EXCEPTIONS: dict[int, type[GridError]] = {
     504: GatewayTimeout,
 }
 
+# Errors identified by their status and code. Each class subclasses the class
+# of its status, so callers that catch the status's class still catch it.
+CODE_EXCEPTIONS: dict[tuple[int, str], type[GridError]] = {
+    (409, "verification_mismatch"): VerificationMismatch,
+}
+
 
 def error_from_response(status: int, body: bytes) -> GridError:
     """Build the exception for an error response from its status and body.
@@ -159,6 +174,7 @@ def error_from_response(status: int, body: bytes) -> GridError:
     code = detail.get("code")
     message = detail.get("message")
     field = detail.get("field")
+    cls = CODE_EXCEPTIONS.get((status, str(code)), cls)
     return cls(
         str(message) if message else f"HTTP {status}",
         status=status,

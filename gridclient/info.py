@@ -100,14 +100,16 @@ class JobInfo:
     job_id: str | None
     node: str | None  # name of the node that returned the output
     attempts: int  # nodes tried, so above 1 means the gateway failed over
+    # Names of the nodes whose outputs agreed under verify=2, else empty.
+    verified_by: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class InferenceInfo:
     """The requests of one run_remote_inference call, in dataset order.
 
-    ``node``, ``job_id`` and ``attempts`` are those of the last request, which
-    is the only one unless the dataset was split into chunks.
+    ``node``, ``job_id``, ``attempts`` and ``verified_by`` are those of the last
+    request, which is the only one unless the dataset was split into chunks.
     """
 
     jobs: tuple[JobInfo, ...]
@@ -123,3 +125,49 @@ class InferenceInfo:
     @property
     def attempts(self) -> int:
         return self.jobs[-1].attempts
+
+    @property
+    def verified_by(self) -> tuple[str, ...]:
+        return self.jobs[-1].verified_by
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A dataset held on a node, as ``search()`` lists it.
+
+    Pass it, or the search result dict itself, as ``run_remote_inference``'s
+    ``dataset`` to run a model where the dataset lives.
+    """
+
+    name: str
+    node: int  # the id of the node that holds the dataset
+    node_name: str = ""
+    node_status: str = ""
+    tags: tuple[str, ...] = ()
+    rows: int = 0
+    label_tensor: str = ""
+
+    @classmethod
+    def from_value(cls, value: Any) -> DatasetRef | None:
+        """Return a DatasetRef for a DatasetRef or a search result dict, else None.
+
+        A dict of tensors is never mistaken for one: a search result has a
+        string ``name`` and an integer ``node``.
+        """
+        if isinstance(value, DatasetRef):
+            return value
+        if not isinstance(value, dict):
+            return None
+        name, node = value.get("name"), value.get("node")
+        if not isinstance(name, str) or not isinstance(node, int) or isinstance(node, bool):
+            return None
+        return cls(
+            name=name,
+            node=node,
+            node_name=value.get("node_name") or "",
+            node_status=value.get("node_status") or "",
+            tags=tuple(value.get("tags") or ()),
+            rows=value.get("rows") or 0,
+            label_tensor=value.get("label_tensor") or "",
+        )
+

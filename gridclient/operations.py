@@ -5,23 +5,19 @@ See core.py for how the generators are driven.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from typing import Any
 
 import httpx
 
-from . import tensors
 from .core import Core, Flow, Sleep, model_path, parse_json
-from .exceptions import InvalidInput, NotFound, PlacementError, PlacementTimeout
-from .info import InferenceInfo, JobInfo, ModelInfo, Placement
+from .exceptions import GridError, InvalidInput, PlacementError, PlacementTimeout
+from .info import ModelInfo, Placement
 from .progress import ProgressStream, Reporter, format_size
 
 logger = logging.getLogger(__name__)
-
-# Seconds the client waits for an inference response beyond the timeout it
-# sends to the gateway, so the gateway's own 504 arrives first.
-RESPONSE_MARGIN = 10.0
 
 # Placement polling interval in seconds: it starts at the first value and grows
 # by the factor up to the last.
@@ -29,21 +25,58 @@ POLL_FIRST = 0.5
 POLL_FACTOR = 1.5
 POLL_MAX = 5.0
 
-SAFETENSORS_TYPE = "application/vnd.safetensors"
-
 
 def get_model(core: Core, model_id: str) -> Flow[ModelInfo]:
     data = yield from core.get_json(model_path(model_id))
     return ModelInfo.from_json(data)
 
 
-def list_models(core: Core) -> Flow[list[ModelInfo]]:
-    results = yield from core.list_results("/api/models/")
+def list_models(core: Core, search: str | None = None) -> Flow[list[ModelInfo]]:
+    params = {"search": search} if search else None
+    results = yield from core.list_results("/api/models/", params)
     return [ModelInfo.from_json(item) for item in results]
 
 
 def list_nodes(core: Core) -> Flow[list[dict[str, Any]]]:
     return (yield from core.list_results("/api/nodes/"))
+
+
+def update_model(
+    core: Core, model_id: str, changes: dict[str, bool]
+) -> Flow[ModelInfo]:
+    if not changes:
+        raise ValueError(
+            "update_model needs allow_remote_inference= or allow_download="
+        )
+    # Setting the same values twice leaves the same state, so a retry is safe.
+    response = yield from core.request(
+        "PATCH",
+        model_path(model_id),
+        idempotent=True,
+        content=json.dumps(changes).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    logger.info("Updated model %s: %s", model_id, changes)
+    return ModelInfo.from_json(parse_json(response))
+
+
+def download_model(core: Core, model_id: str, timeout: float) -> Flow[bytes]:
+    """Fetch a model's .pt2 bytes and check them against the version's SHA-256."""
+    response = yield from core.request(
+        "GET", model_path(model_id, "download/"), idempotent=True, timeout=timeout
+    )
+    data = response.content
+    expected = response.headers.get("X-Grid-Sha256", "")
+    actual = hashlib.sha256(data).hexdigest()
+    if expected and actual != expected:
+        raise GridError(
+            502,
+            "download_corrupt",
+            f"model {model_id!r} arrived with sha256 {actual}, expected {expected}; "
+            "download it again",
+        )
+    logger.info("Downloaded model %s: %d bytes", model_id, len(data))
+    return data
 
 
 def delete_model(core: Core, model_id: str) -> Flow[None]:
@@ -78,14 +111,16 @@ def search(
     return (yield from core.list_results("/api/search/", params))
 
 
-def available_tags(core: Core) -> Flow[list[str]]:
-    data = yield from core.get_json("/api/tags/")
+def available_tags(core: Core, include_offline: bool = False) -> Flow[list[str]]:
+    params = {"include_offline": "true"} if include_offline else None
+    data = yield from core.get_json("/api/tags/", params)
     return list(data["tags"])
 
 
 def search_model(core: Core, model_id: str) -> Flow[list[Placement]]:
-    info = yield from get_model(core, model_id)
-    return [placement for placement in info.placements if placement.status == "ready"]
+    """List the ready replicas of a model on online nodes."""
+    results = yield from core.list_results(model_path(model_id, "nodes/"))
+    return [Placement.from_json(item) for item in results]
 
 
 def upload_model(
@@ -285,92 +320,3 @@ class SignatureCache:
                 )
             self.store(info)
         return self._names[model_id]
-
-
-def run_inference(
-    core: Core,
-    cache: SignatureCache,
-    model_id: str,
-    dataset: Any,
-    *,
-    timeout: float,
-    batch_size: int | None,
-    progress: bool | None,
-) -> Flow[tuple[Any, InferenceInfo]]:
-    """Send a dataset in chunks along dim 0 and return the joined outputs.
-
-    Also returns the job id, node and attempts of every request.
-    """
-    names = yield from cache.input_names(core, model_id)
-    arrays, as_torch = tensors.prepare_inputs(dataset, names)
-    total = tensors.count_rows(arrays)
-    chunk_rows = tensors.rows_per_chunk(arrays, batch_size)
-    chunks = tensors.split_rows(arrays, chunk_rows)
-    show = len(chunks) > 1 if progress is None else progress
-
-    outputs = []
-    jobs = []
-    done = 0
-    with Reporter(show) as reporter:
-        task = reporter.add_task(f"Inference on {model_id}", total=total)
-        for index, chunk in enumerate(chunks):
-            try:
-                result, job = yield from _infer_chunk(core, model_id, chunk, timeout)
-            except (InvalidInput, NotFound):
-                # The model may have been replaced with other inputs since the
-                # signature was cached.
-                cache.forget(model_id)
-                raise
-            if len(chunks) > 1:
-                _check_output_rows(result, tensors.count_rows(chunk), index)
-            outputs.append(result)
-            jobs.append(job)
-            done += tensors.count_rows(chunk)
-            reporter.update(task, completed=done, detail=f"{done}/{total} rows")
-
-    joined = tensors.to_result(tensors.concatenate(outputs), as_torch)
-    return joined, InferenceInfo(jobs=tuple(jobs))
-
-
-def _infer_chunk(
-    core: Core, model_id: str, chunk: dict[str, Any], timeout: float
-) -> Flow[tuple[dict[str, Any], JobInfo]]:
-    response = yield from core.request(
-        "POST",
-        model_path(model_id, "infer/"),
-        idempotent=False,
-        params={"timeout": f"{timeout:g}"},
-        content=tensors.encode(chunk),
-        headers={"Content-Type": SAFETENSORS_TYPE},
-        timeout=timeout + RESPONSE_MARGIN,
-    )
-    job = JobInfo(
-        job_id=response.headers.get("X-Grid-Job-Id"),
-        node=response.headers.get("X-Grid-Node"),
-        attempts=_header_int(response.headers.get("X-Grid-Attempts"), default=1),
-    )
-    logger.debug(
-        "Inference on model %s: job %s on node %s after %d attempts",
-        model_id,
-        job.job_id,
-        job.node,
-        job.attempts,
-    )
-    return tensors.decode(response.content), job
-
-
-def _header_int(value: str | None, default: int) -> int:
-    try:
-        return int(value) if value is not None else default
-    except ValueError:
-        return default
-
-
-def _check_output_rows(outputs: dict[str, Any], rows: int, index: int) -> None:
-    for name, array in outputs.items():
-        if array.ndim == 0 or array.shape[0] != rows:
-            raise ValueError(
-                f"output {name!r} of chunk {index} has shape {array.shape}, not "
-                f"{rows} rows at dim 0, so chunk outputs cannot be joined; pass a "
-                "batch_size that covers the whole dataset"
-            )

@@ -21,13 +21,19 @@ AGENT_MESSAGES: dict[str, dict[str, tuple[type, ...]]] = {
     "model.ready": {"sha256": (str,)},
     "model.failed": {"sha256": (str,), "error": (str,)},
     "model.evicted": {"sha256": (str,)},
+    "model.upload_failed": {"sha256": (str,), "error": (str,)},
     "infer.error": {"job_id": (str,), "attempt": (int,), "error": (str,), "kind": (str,)},
+    "infer.summary": {"job_id": (str,), "attempt": (int,), "summary": (dict,)},
+    "datasets": {"datasets": (list,)},
     "bye": {"reason": (str,)},
 }
 GATEWAY_MESSAGES: dict[str, dict[str, tuple[type, ...]]] = {
     "welcome": {"protocol": (int,), "node_id": (int,), "heartbeat_interval": _NUMBER, "max_frame_bytes": (int,)},
     "model.offer": {"sha256": (str,), "size": (int,), "model_id": (str,)},
     "model.evict": {"sha256": (str,)},
+    # aggregate and outputs are optional, so the agent checks them.
+    "infer.dataset": {"job_id": (str,), "attempt": (int,), "sha256": (str,), "dataset": (str,), "timeout": _NUMBER},
+    "model.upload": {"sha256": (str,)},
     "disconnect": {"reason": (str,)},
     "error": {"code": (str,), "message": (str,)},
 }

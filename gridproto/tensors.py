@@ -40,11 +40,14 @@ class TensorInfo:
     shape: tuple[int, ...]
 
 
-def read_tensor_infos(data: bytes | memoryview) -> dict[str, TensorInfo]:
+def read_tensor_infos(data: bytes | memoryview, *, total_size: int | None = None) -> dict[str, TensorInfo]:
     """Return the name, dtype and shape of each tensor in a safetensors buffer.
 
     Checks that every tensor's byte range matches its dtype and shape and lies
     inside the buffer, so a valid result means the agent can load it.
+    ``total_size`` is the size of the whole file when ``data`` holds only its
+    first bytes (the 8-byte length and the header): the byte ranges are then
+    checked against the file, so a header is validated without reading tensors.
     """
     view = memoryview(data)
     if len(view) < 8:
@@ -59,7 +62,7 @@ def read_tensor_infos(data: bytes | memoryview) -> dict[str, TensorInfo]:
     if not isinstance(header, dict):
         raise TensorFormatError("body is not safetensors: its header is not a JSON object")
 
-    data_size = len(view) - 8 - length
+    data_size = (len(view) if total_size is None else total_size) - 8 - length
     infos: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         if name == "__metadata__":

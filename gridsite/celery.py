@@ -3,6 +3,7 @@
 import os
 
 from celery import Celery
+from celery.signals import setup_logging
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "gridsite.settings")
 
@@ -19,3 +20,20 @@ def schedule_sweeps(sender, **kwargs):
     sender.add_periodic_task(interval, sender.signature("apps.inference.tasks.sweep_nodes"), name="sweep nodes")
     sender.add_periodic_task(max(1.0, interval), sender.signature("apps.inference.tasks.sweep_jobs"), name="sweep jobs")
     sender.add_periodic_task(30.0, sender.signature("apps.inference.tasks.sweep_placements"), name="sweep placements")
+    sender.add_periodic_task(5.0, sender.signature("apps.inference.tasks.heal_replicas"), name="heal replicas")
+
+
+if os.environ.get("GRID_LOG_FORMAT", "").strip().lower() == "json":
+
+    @setup_logging.connect
+    def log_as_json(**kwargs):
+        """Use settings.LOGGING (JSON lines) instead of Celery's own text format.
+
+        Connected only for GRID_LOG_FORMAT=json, because a connected receiver
+        replaces all of Celery's logging setup, --loglevel included.
+        """
+        import logging.config
+
+        from django.conf import settings
+
+        logging.config.dictConfig(settings.LOGGING)

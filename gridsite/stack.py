@@ -47,6 +47,31 @@ def drop_database(url: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def gateway_command(port: int, env: dict[str, str], host: str = "127.0.0.1") -> list[str]:
+    """Build the uvicorn command line of one gateway process.
+
+    ``--lifespan on`` lets SIGTERM move agents to other gateway processes
+    before this one exits (gridsite.lifespan).
+    """
+    ws_max = env.get("GRID_WS_MAX_BYTES", str(64 * 1024**2))
+    return [
+        sys.executable, "-m", "uvicorn", "gridsite.asgi:application",
+        "--host", host, "--port", str(port),
+        "--ws", "websockets", "--ws-max-size", ws_max,
+        "--ws-per-message-deflate", "false",
+        "--lifespan", "on", "--no-access-log", "--timeout-graceful-shutdown", "5",
+    ]
+
+
+def celery_commands(schedule: Path) -> dict[str, list[str]]:
+    """Build the command lines of the Celery worker and beat, keyed by process name."""
+    celery = [sys.executable, "-m", "celery", "-A", "gridsite"]
+    return {
+        "worker": [*celery, "worker", "--pool", "threads", "--concurrency", "4", "--loglevel", "INFO"],
+        "beat": [*celery, "beat", "--loglevel", "INFO", "--schedule", str(schedule)],
+    }
+
+
 @dataclass
 class Stack:
     """A set of Grid processes sharing one environment."""
@@ -78,31 +103,30 @@ class Stack:
         self.processes[name] = process
         return process
 
-    def start_gateway(self) -> None:
-        ws_max = self.env.get("GRID_WS_MAX_BYTES", str(64 * 1024**2))
-        self.start(
-            "gateway",
-            [
-                sys.executable, "-m", "uvicorn", "gridsite.asgi:application",
-                "--host", "127.0.0.1", "--port", str(self.port),
-                "--ws", "websockets", "--ws-max-size", ws_max,
-                "--ws-per-message-deflate", "false",
-                "--lifespan", "off", "--no-access-log", "--timeout-graceful-shutdown", "5",
-            ],
-        )
-        self.wait_http(f"{self.url}/healthz", "gateway")
+    def start_gateway(self, name: str = "gateway", port: int | None = None, env: dict[str, str] | None = None) -> str:
+        """Start a gateway process; a second one needs its own ``name`` and ``port``.
+
+        Returns its URL once /healthz returns 200.
+        """
+        port = self.port if port is None else port
+        merged = {**self.env, **(env or {})}
+        self.start(name, gateway_command(port, merged), env=env)
+        url = f"http://127.0.0.1:{port}"
+        self.wait_http(f"{url}/healthz", name)
+        return url
 
     def start_worker(self) -> None:
-        celery = [sys.executable, "-m", "celery", "-A", "gridsite"]
-        self.start("worker", [*celery, "worker", "--pool", "threads", "--concurrency", "4", "--loglevel", "INFO"])
-        schedule = self.log_dir / "celerybeat-schedule"
-        self.start("beat", [*celery, "beat", "--loglevel", "INFO", "--schedule", str(schedule)])
+        for name, command in celery_commands(self.log_dir / "celerybeat-schedule").items():
+            self.start(name, command)
 
-    def start_agent(self, name: str, token: str, data_dir: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+    def start_agent(
+        self, name: str, token: str, data_dir: Path, extra_env: dict[str, str] | None = None, gateway: str | None = None
+    ) -> subprocess.Popen:
+        """Start an agent; ``gateway`` is one URL or a comma-separated list (default: this stack's)."""
         env = {"GRID_NODE_TOKEN": token, **(extra_env or {})}
         return self.start(
             name,
-            [sys.executable, "-m", "nodeagent", "--gateway", self.url, "--name", name, "--data-dir", str(data_dir)],
+            [sys.executable, "-m", "nodeagent", "--gateway", gateway or self.url, "--name", name, "--data-dir", str(data_dir)],
             env=env,
         )
 

@@ -10,8 +10,16 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
+from gridproto.logformat import make_formatter
 from nodeagent import __version__
-from nodeagent.config import AgentConfig, ConfigError, resolve_config
+from nodeagent.config import (
+    AGENT_FAULTS,
+    DEFAULT_BATCH_WINDOW_MS,
+    DEFAULT_MAX_BATCH_ROWS,
+    AgentConfig,
+    ConfigError,
+    resolve_config,
+)
 
 if TYPE_CHECKING:
     from nodeagent.connection import Agent
@@ -34,8 +42,20 @@ exit codes:
   {EXIT_USAGE}  missing or invalid option
   {EXIT_TOKEN_REJECTED}  the gateway rejected the node token (HTTP 403)
 
+GRID_LOG_FORMAT=json writes one JSON object per log line.
+
+Datasets in <data-dir>/datasets/ are rescanned at start, on SIGHUP and every
+GRID_DATASET_RESCAN seconds (default: 60; 0 rescans only at start and on SIGHUP).
+
 GRID_AGENT_DELAY_MS, for tests and benchmarks only, makes each inference wait
-that many milliseconds first, to simulate a slow node.
+that many milliseconds first, to simulate a slow node. A batched forward pass
+waits once.
+
+GRID_AGENT_FAULT, for tests and benchmarks only, is unset by default:
+  wrong-outputs   add 1.0 to every floating-point output, to simulate a lying
+                  or broken node
+  crash-on-infer  exit with status 1 as soon as an infer.request arrives, to
+                  simulate a crash mid-inference
 """
 
 
@@ -51,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--version", action="version", version=f"grid-node {__version__}"
     )
     parser.add_argument(
-        "--gateway", help="gateway URL, http(s):// or ws(s):// (GRID_GATEWAY)"
+        "--gateway",
+        help="gateway URL, http(s):// or ws(s)://, or several separated by commas: "
+        "the agent tries the next one each time it reconnects (GRID_GATEWAY)",
     )
     parser.add_argument(
         "--token",
@@ -64,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--data-dir",
-        help="directory for model files (GRID_DATA_DIR; default: ~/.grid-node)",
+        help="directory for model files and datasets "
+        "(GRID_DATA_DIR; default: ~/.grid-node)",
     )
 
     parser.add_argument(
@@ -85,6 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-model-bytes",
         help="maximum model file size and unpacked archive size in bytes "
         "(GRID_MAX_MODEL_BYTES; default: 4294967296, 4 GiB)",
+    )
+    parser.add_argument(
+        "--batch-window-ms",
+        help="milliseconds that an inference request waits for other requests to "
+        "the same model with the same input shapes apart from dim 0, to run them "
+        "as one forward pass; 0 turns batching off "
+        f"(GRID_BATCH_WINDOW_MS; default: {DEFAULT_BATCH_WINDOW_MS})",
+    )
+    parser.add_argument(
+        "--max-batch-rows",
+        help="maximum input rows (dim 0) in one batched forward pass "
+        f"(GRID_MAX_BATCH_ROWS; default: {DEFAULT_MAX_BATCH_ROWS})",
     )
 
     parser.add_argument(
@@ -118,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             torch_threads=args.torch_threads,
             ws_max_bytes=args.ws_max_bytes,
             max_model_bytes=args.max_model_bytes,
+            batch_window_ms=args.batch_window_ms,
+            max_batch_rows=args.max_batch_rows,
             environ=os.environ,
         )
     except ConfigError as exc:
@@ -125,11 +162,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"grid-node: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    try:
+        formatter = make_formatter(os.environ, "%(asctime)s %(levelname)s %(name)s: %(message)s")
+    except ValueError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"grid-node: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    logging.basicConfig(level=args.log_level, handlers=[handler])
     return run(config)
 
 
@@ -145,11 +186,25 @@ def run(config: AgentConfig) -> int:
         "torch threads %d",
         __version__,
         config.name,
-        config.endpoint,
+        ", ".join(config.endpoints),
         config.data_dir,
         config.concurrency,
         config.torch_threads,
     )
+    if config.batch_window_ms:
+        logger.info(
+            "batching requests within %d ms, up to %d rows per forward pass",
+            config.batch_window_ms,
+            config.max_batch_rows,
+        )
+    else:
+        logger.info("batching is off (GRID_BATCH_WINDOW_MS=0)")
+    if config.fault:
+        logger.warning(
+            "GRID_AGENT_FAULT=%s is set: this node misbehaves on purpose (one of %s)",
+            config.fault,
+            ", ".join(AGENT_FAULTS),
+        )
     if config.inference_delay_ms:
         logger.warning(
             "GRID_AGENT_DELAY_MS is set: each inference waits %d ms first",
@@ -161,6 +216,7 @@ def run(config: AgentConfig) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, _request_stop, agent, signum)
+        loop.add_signal_handler(signal.SIGHUP, _request_rescan, agent)
         outcome = await agent.run()
         return outcome.value
 
@@ -174,6 +230,11 @@ def run(config: AgentConfig) -> int:
         return EXIT_ERROR
     logger.info("grid-node stopped: %s", outcome)
     return EXIT_OK
+
+
+def _request_rescan(agent: Agent) -> None:
+    logger.info("received SIGHUP, rescanning datasets")
+    agent.datasets.request_rescan()
 
 
 def _request_stop(agent: Agent, signum: int) -> None:

@@ -15,12 +15,25 @@ DEFAULT_CONCURRENCY = 2
 DEFAULT_TORCH_THREADS = 1
 DEFAULT_WS_MAX_BYTES = 64 * MIB
 DEFAULT_MAX_MODEL_BYTES = 4 * GIB
+DEFAULT_DATASET_RESCAN = 60
+# bench/bench_batching.py ran 32 clients of DigitsCNN on 2 CPUs shared with
+# other work. In four runs, a 1 ms window gave 2.2-3.0x the throughput of no
+# batching, as much as 2 ms within the noise and more than 5 ms. It also added
+# the least latency to a lone request, about 1.5 ms at p50. See
+# bench/results/batching.md.
+DEFAULT_BATCH_WINDOW_MS = 1
+DEFAULT_MAX_BATCH_ROWS = 256
 AGENT_PATH = "/ws/agent/"
 
 # Frames this small could not carry a 1 MiB model chunk, the gateway's default.
 MIN_WS_MAX_BYTES = 2 * MIB
 
 _SCHEMES = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}
+
+# GRID_AGENT_FAULT values, test and benchmark knobs implemented in nodeagent.faults.
+FAULT_WRONG_OUTPUTS = "wrong-outputs"
+FAULT_CRASH_ON_INFER = "crash-on-infer"
+AGENT_FAULTS = (FAULT_WRONG_OUTPUTS, FAULT_CRASH_ON_INFER)
 
 
 class ConfigError(ValueError):
@@ -43,6 +56,24 @@ class AgentConfig:
     # milliseconds before each inference, to simulate a slow node. Keep it 0 in
     # production.
     inference_delay_ms: int = 0
+    # Further gateway endpoints, from a comma-separated --gateway. The agent
+    # moves to the next one each time it reconnects; ``endpoint`` is the first.
+    more_endpoints: tuple[str, ...] = ()
+    # Seconds between rescans of <data-dir>/datasets/ (GRID_DATASET_RESCAN);
+    # 0 rescans only at start and on SIGHUP.
+    dataset_rescan: int = DEFAULT_DATASET_RESCAN
+    # Milliseconds that a request waits for others to share its forward pass
+    # (GRID_BATCH_WINDOW_MS); 0 turns batching off.
+    batch_window_ms: int = DEFAULT_BATCH_WINDOW_MS
+    # Maximum input rows in one batched forward pass (GRID_MAX_BATCH_ROWS).
+    max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS
+    # Test and benchmark knob (GRID_AGENT_FAULT): one of AGENT_FAULTS, or None
+    # in production.
+    fault: str | None = None
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        return (self.endpoint, *self.more_endpoints)
 
 
 def agent_endpoint(url: str) -> str:
@@ -70,6 +101,23 @@ def agent_endpoint(url: str) -> str:
     if not path.endswith(AGENT_PATH.rstrip("/")):
         path += AGENT_PATH.rstrip("/")
     return urlunsplit((scheme, parts.netloc, path + "/", "", ""))
+
+
+def agent_endpoints(urls: str) -> tuple[str, ...]:
+    """Return the agent websocket URL of each gateway in a comma-separated list.
+
+    Duplicates are dropped, keeping the first. Raises ConfigError for an
+    invalid URL or an empty list.
+    """
+    endpoints: list[str] = []
+    for url in urls.split(","):
+        if url.strip():
+            endpoint = agent_endpoint(url)
+            if endpoint not in endpoints:
+                endpoints.append(endpoint)
+    if not endpoints:
+        raise ConfigError(f"invalid gateway list {urls!r}: expected one or more URLs separated by commas")
+    return tuple(endpoints)
 
 
 def _setting(
@@ -104,6 +152,8 @@ def resolve_config(
     torch_threads: str | None = None,
     ws_max_bytes: str | None = None,
     max_model_bytes: str | None = None,
+    batch_window_ms: str | None = None,
+    max_batch_rows: str | None = None,
     environ: Mapping[str, str],
 ) -> AgentConfig:
     """Build the config from option values, falling back to GRID_* variables.
@@ -125,8 +175,16 @@ def resolve_config(
         default=0,
         minimum=0,
     )
+    fault = _setting(None, environ, "GRID_AGENT_FAULT")
+    if fault is not None and fault not in AGENT_FAULTS:
+        raise ConfigError(
+            f"GRID_AGENT_FAULT must be one of {', '.join(AGENT_FAULTS)}, got {fault!r}; "
+            "unset it outside tests"
+        )
+    endpoints = agent_endpoints(gateway)
     return AgentConfig(
-        endpoint=agent_endpoint(gateway),
+        endpoint=endpoints[0],
+        more_endpoints=endpoints[1:],
         token=token,
         name=_setting(name, environ, "GRID_NODE_NAME") or socket.gethostname(),
         data_dir=Path(data).expanduser() if data else Path.home() / ".grid-node",
@@ -152,4 +210,22 @@ def resolve_config(
             default=DEFAULT_MAX_MODEL_BYTES,
         ),
         inference_delay_ms=delay_ms,
+        dataset_rescan=_integer(
+            _setting(None, environ, "GRID_DATASET_RESCAN"),
+            label="GRID_DATASET_RESCAN",
+            default=DEFAULT_DATASET_RESCAN,
+            minimum=0,
+        ),
+        batch_window_ms=_integer(
+            _setting(batch_window_ms, environ, "GRID_BATCH_WINDOW_MS"),
+            label="--batch-window-ms / GRID_BATCH_WINDOW_MS",
+            default=DEFAULT_BATCH_WINDOW_MS,
+            minimum=0,
+        ),
+        max_batch_rows=_integer(
+            _setting(max_batch_rows, environ, "GRID_MAX_BATCH_ROWS"),
+            label="--max-batch-rows / GRID_MAX_BATCH_ROWS",
+            default=DEFAULT_MAX_BATCH_ROWS,
+        ),
+        fault=fault,
     )

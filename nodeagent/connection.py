@@ -24,6 +24,8 @@ from gridproto.frames import FrameError, decode_frame
 from gridproto.messages import MessageError, parse_control
 from nodeagent.backoff import Backoff
 from nodeagent.config import AgentConfig
+from nodeagent.dataset_jobs import DatasetJobHandler
+from nodeagent.datasets import DatasetCatalog
 from nodeagent.handshake import (
     GATEWAY_SCHEMA,
     HandshakeError,
@@ -34,6 +36,7 @@ from nodeagent.jobs import JobHandler
 from nodeagent.models import ModelStore
 from nodeagent.placement import ModelReceiver
 from nodeagent.runner import Runner
+from nodeagent.upload import upload_model
 
 logger = logging.getLogger(__name__)
 
@@ -82,12 +85,30 @@ class Agent:
             send_json=self.send_json,
             send_frame=self.send_frame,
             spawn=self.spawn,
+            batch_window_ms=config.batch_window_ms,
+            max_batch_rows=config.max_batch_rows,
+            fault=config.fault,
+        )
+        self.datasets = DatasetCatalog(config.data_dir)
+        self.dataset_jobs = DatasetJobHandler(
+            self.store,
+            self.datasets,
+            self.runner,
+            send_json=self.send_json,
+            send_frame=self.send_frame,
+            spawn=self.spawn,
         )
         self._backoff = backoff or Backoff()
         self._handshake_timeout = handshake_timeout
         self._stopping = asyncio.Event()
         self._websocket: ClientConnection | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._endpoint_index = 0
+
+    @property
+    def endpoint(self) -> str:
+        """The gateway endpoint this agent is connected or connecting to."""
+        return self.config.endpoints[self._endpoint_index]
 
     def stop(self) -> None:
         """Ask ``run`` to send ``bye``, close with 1000 and return.
@@ -103,12 +124,20 @@ class Agent:
         """
         try:
             await self.models.load_held()
+            await self.datasets.refresh()
+            self.spawn(
+                self.datasets.watch(self.config.dataset_rescan, self._datasets_changed)
+            )
             return await self._connect_loop()
         finally:
             for task in list(self._tasks):
                 task.cancel()
             self.runner.shutdown()
             self.models.shutdown()
+
+    async def _datasets_changed(self) -> None:
+        # Dropped while disconnected: the next hello carries the new list.
+        await self.send_json(self.datasets.message())
 
     def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         # The event loop keeps only weak references to tasks.
@@ -150,8 +179,8 @@ class Agent:
 
     async def _connect_loop(self) -> Outcome:
         loop = asyncio.get_running_loop()
-        endpoint = self.config.endpoint
         while not self._stopping.is_set():
+            endpoint = self.endpoint
             opened_at: float | None = None
             close_code: int | None = None
             try:
@@ -200,9 +229,12 @@ class Agent:
             if lived > STABLE_CONNECTION_SECONDS and close_code != SUPERSEDED:
                 self._backoff.reset()
             delay = self._backoff.next_delay()
+            # With several gateways, each attempt goes to the next one, so a
+            # gateway process that shut down or failed is not tried twice in a row.
+            self._endpoint_index = (self._endpoint_index + 1) % len(self.config.endpoints)
             logger.info(
                 "reconnecting to %s in %.2fs (attempt %d)",
-                endpoint,
+                self.endpoint,
                 delay,
                 self._backoff.attempt,
             )
@@ -213,7 +245,7 @@ class Agent:
         return Outcome.STOPPED
 
     def _log_close(self, code: int | None, reason: str | None) -> None:
-        endpoint = self.config.endpoint
+        endpoint = self.endpoint
         if code == SUPERSEDED:
             logger.warning(
                 "gateway %s closed the connection (4409): another agent connected "
@@ -244,13 +276,14 @@ class Agent:
     async def _serve(self, websocket: ClientConnection) -> Outcome | None:
         """Handle one open connection; return None when it drops."""
         try:
-            hello = hello_message(self.config, self.store.held())
+            reported = self.datasets.reports()
+            hello = hello_message(self.config, self.store.held(), reported)
             await websocket.send(json.dumps(hello))
             welcome = await self._unless_stopped(self._receive_welcome(websocket))
         except ConnectionClosed:
             return None
         except (HandshakeError, TimeoutError) as exc:
-            logger.error("handshake with %s failed: %s", self.config.endpoint, exc)
+            logger.error("handshake with %s failed: %s", self.endpoint, exc)
             await websocket.close(1002, "expected welcome")
             return None
         if welcome is None:
@@ -259,6 +292,7 @@ class Agent:
 
         interval = float(welcome["heartbeat_interval"])
         self.jobs.max_frame_bytes = welcome["max_frame_bytes"]
+        self.dataset_jobs.max_frame_bytes = welcome["max_frame_bytes"]
         logger.info(
             "welcomed as node %d, heartbeat every %.1fs, holding %d models",
             welcome["node_id"],
@@ -267,6 +301,9 @@ class Agent:
         )
 
         self._websocket = websocket
+        if self.datasets.reports() != reported:
+            # A rescan finished between hello and welcome.
+            await self._datasets_changed()
         heartbeats = asyncio.create_task(self._send_heartbeats(websocket, interval))
         reader = asyncio.create_task(self._read(websocket))
         try:
@@ -286,7 +323,7 @@ class Agent:
         return parse_welcome(data)
 
     async def _say_bye(self, websocket: ClientConnection) -> None:
-        logger.info("stopping: sending bye to %s", self.config.endpoint)
+        logger.info("stopping: sending bye to %s", self.endpoint)
         try:
             await websocket.send(json.dumps({"type": "bye", "reason": "shutting down"}))
         except ConnectionClosed:
@@ -303,7 +340,7 @@ class Agent:
             message = {
                 "type": "heartbeat",
                 "seq": seq,
-                "in_flight": self.jobs.in_flight,
+                "in_flight": self.jobs.in_flight + self.dataset_jobs.in_flight,
                 "sent_at": time.time(),
             }
             try:
@@ -344,11 +381,16 @@ class Agent:
             await self.models.offer(message)
         elif kind == "model.evict":
             await self.models.evict(message)
+        elif kind == "infer.dataset":
+            await self.dataset_jobs.request(message)
+        elif kind == "model.upload":
+            # A background task, so heartbeats and inference go on during the upload.
+            self.spawn(upload_model(self.models.store, message, send_json=self.send_json, send_frame=self.send_frame))
         elif kind == "disconnect":
             logger.warning(
                 "gateway %s sent disconnect (%s), so the agent stops and does not "
                 "reconnect until restarted",
-                self.config.endpoint,
+                self.endpoint,
                 message["reason"],
             )
             return True

@@ -17,7 +17,11 @@ class HandshakeError(Exception):
     """The gateway did not respond to ``hello`` with a valid ``welcome``."""
 
 
-def hello_message(config: AgentConfig, models: list[dict[str, Any]]) -> dict[str, Any]:
+def hello_message(
+    config: AgentConfig,
+    models: list[dict[str, Any]],
+    datasets: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     return {
         "type": "hello",
         "protocol": PROTOCOL_VERSION,
@@ -26,7 +30,7 @@ def hello_message(config: AgentConfig, models: list[dict[str, Any]]) -> dict[str
         "capabilities": capabilities(),
         "concurrency": config.concurrency,
         "models": models,
-        "datasets": [],
+        "datasets": datasets or [],
     }
 
 

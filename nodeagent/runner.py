@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import safetensors.torch
 import torch
@@ -23,6 +23,7 @@ from nodeagent.models import LoadedModel
 logger = logging.getLogger(__name__)
 
 ErrorKind = Literal["model", "node"]
+T = TypeVar("T")
 
 # torch 2.13 reports a failed CPU allocation as a plain RuntimeError with this text.
 _CPU_OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"
@@ -105,7 +106,8 @@ def encode_outputs(outputs: Any) -> bytes:
     return safetensors.torch.save(prepared)
 
 
-def _call(model: LoadedModel, inputs: Sequence[torch.Tensor]) -> Any:
+def call_program(model: LoadedModel, inputs: Sequence[torch.Tensor]) -> Any:
+    """Call a loaded program, raising InferenceError with the kind of any failure."""
     try:
         with torch.inference_mode():
             return model.module(*inputs)
@@ -139,7 +141,7 @@ def run_inference(
     if delay_ms:
         time.sleep(delay_ms / 1000)
     inputs = decode_inputs(model, body)
-    outputs = _call(model, inputs)
+    outputs = call_program(model, inputs)
     encoded = encode_outputs(outputs)
     elapsed_ms = (time.perf_counter() - started) * 1000
     return InferenceResult(body=encoded, elapsed_ms=round(elapsed_ms, 3))
@@ -164,6 +166,10 @@ class Runner:
                 model, body, delay_ms=self.delay_ms, deadline=deadline
             ),
         )
+
+    async def submit(self, function: Callable[[], T]) -> T:
+        """Run ``function`` on one of the pool's workers, queued with inference requests."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function)
 
     def shutdown(self) -> None:
         """Drop queued requests without waiting for running ones.

@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import safetensors.torch
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from nodeagent.connection import Agent, Outcome
 
 WAIT_SECONDS = 10.0
+TOKEN = "node-secret-token"
 
 
 def export_archive(module: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> bytes:
@@ -254,6 +256,27 @@ class FakeGateway:
             pass
         finally:
             session.closed.set()
+
+
+def make_agent(gateway: FakeGateway, data_dir: Path, **settings: Any) -> Agent:
+    """Return an agent for ``gateway`` that reconnects fast.
+
+    ``settings`` are further AgentConfig fields, such as ``batch_window_ms``.
+    """
+    # Imported here, like Agent above, so that gateway-side tests can use this
+    # module without importing the agent.
+    from nodeagent.backoff import Backoff
+    from nodeagent.config import AgentConfig, agent_endpoint
+    from nodeagent.connection import Agent
+
+    config = AgentConfig(
+        endpoint=agent_endpoint(gateway.url),
+        token=TOKEN,
+        name="node-a",
+        data_dir=data_dir,
+        **settings,
+    )
+    return Agent(config, backoff=Backoff(base=0.05, cap=0.2))
 
 
 @contextlib.asynccontextmanager

@@ -100,9 +100,21 @@ def test_upload_signature_mismatch_rejected(owner):
     assert "['input']" in error(response)["message"]
 
 
-def test_duplicate_model_id_is_409(owner):
-    upload(owner)
+def test_second_upload_starts_new_version(owner):
+    first = upload(owner).json()
     response = upload(owner)
+    model = Model.objects.get(model_id="linear")
+    assert response.status_code == 202
+    # Celery runs eagerly here and no node is online, so the rollout ends at
+    # once and the first version keeps serving.
+    assert model.sha256 == first["version"]
+    assert model.pending_sha256 == ""
+    assert "was not rolled out" in model.placement_error
+
+
+def test_upload_over_other_users_model_is_409(owner, outsider):
+    upload(owner)
+    response = upload(outsider)
     assert response.status_code == 409
     assert error(response)["field"] == "model_id"
 

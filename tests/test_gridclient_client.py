@@ -81,6 +81,8 @@ JSON_ROUTES = {
     ("GET", "/api/nodes/"): {"count": 3, "results": NODES},
     ("GET", "/api/models/"): {"count": 1, "results": [MODEL]},
     ("GET", "/api/models/m1/"): MODEL,
+    # The gateway lists only ready replicas on online nodes here.
+    ("GET", "/api/models/m1/nodes/"): {"model_id": "m1", "count": 1, "results": [{**MODEL["placements"][0], "node_status": "online"}]},
     ("POST", "/api/nodes/disconnect/"): {"disconnected": 2},
     ("GET", "/api/search/"): {"count": 1, "results": [DATASET]},
     ("GET", "/api/tags/"): {"tags": ["brain", "mri"]},

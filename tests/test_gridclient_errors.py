@@ -168,3 +168,29 @@ def test_error_repr_has_fields():
     assert repr(error) == (
         "Conflict(status=409, code='exists', message='model m1 exists', field='model_id')"
     )
+
+
+def test_verification_mismatch_class():
+    def handler(request):
+        message = "nodes node-a and node-b returned different outputs"
+        return httpx.Response(409, content=error_body("verification_mismatch", message))
+
+    with client_for(handler) as gateway:
+        with pytest.raises(gr.VerificationMismatch) as caught:
+            gateway.get_model("m1")
+
+    assert isinstance(caught.value, gr.Conflict)
+    assert caught.value.status == 409
+    assert "node-a and node-b" in caught.value.message
+
+
+def test_mismatch_code_other_status():
+    # The code picks the subclass only with the status it belongs to.
+    def handler(request):
+        return httpx.Response(400, content=error_body("verification_mismatch", "x"))
+
+    with client_for(handler) as gateway:
+        with pytest.raises(gr.InvalidInput) as caught:
+            gateway.get_model("m1")
+
+    assert type(caught.value) is gr.InvalidInput

@@ -88,7 +88,9 @@ def test_chunks_joined_in_order():
     gateway = FakeGateway()
     data = np.arange(20, dtype=np.float32).reshape(10, 2)
     with client_for(gateway) as client:
-        result = client.run_remote_inference("m1", data, batch_size=3, progress=False)
+        result = client.run_remote_inference(
+            "m1", data, batch_size=3, progress=False, concurrency=1
+        )
 
     assert [len(body["x"]) for body in gateway.bodies] == [3, 3, 3, 1]
     assert gateway.bodies[1]["x"].tolist() == [[6, 7], [8, 9], [10, 11]]
@@ -102,7 +104,9 @@ def test_default_chunks_about_8mb():
     data = np.ones((5000, 1024), dtype=np.float32)
     data[:, 0] = np.arange(5000)
     with client_for(gateway) as client:
-        result = client.run_remote_inference("m1", data, progress=False)
+        result = client.run_remote_inference(
+            "m1", data, progress=False, concurrency=1
+        )
 
     assert [len(body["x"]) for body in gateway.bodies] == [2048, 2048, 904]
     assert result[:, 0].tolist() == (np.arange(5000) * 2).tolist()
@@ -126,7 +130,7 @@ def test_dict_inputs_two_names():
     mask = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     with client_for(gateway) as client:
         result = client.run_remote_inference(
-            "m1", {"mask": mask, "image": image}, batch_size=2
+            "m1", {"mask": mask, "image": image}, batch_size=2, concurrency=1
         )
 
     assert set(gateway.bodies[0]) == {"image", "mask"}
@@ -262,7 +266,9 @@ def test_with_info_reports_jobs():
     gateway = FakeGateway()
     data = np.ones((5, 2), dtype=np.float32)
     with client_for(gateway) as client:
-        result, info = client.run_remote_inference_with_info("m1", data, batch_size=2)
+        result, info = client.run_remote_inference_with_info(
+            "m1", data, batch_size=2, concurrency=1
+        )
 
     assert result.shape == (5, 2)
     assert [job.job_id for job in info.jobs] == ["1", "2", "3"]

@@ -173,16 +173,37 @@ def test_infer_retried_on_429():
     assert bodies[0] == bodies[1]
 
 
-def test_infer_not_retried_after_read_timeout():
-    script = Script(httpx.ReadTimeout("slow"), infer_ok)
+@pytest.mark.parametrize(
+    "failure", [httpx.ReadTimeout("slow"), httpx.RemoteProtocolError("closed")]
+)
+def test_infer_retried_after_sent(failure):
+    # The request may have reached the gateway, so only its Idempotency-Key
+    # makes the retry safe: the retry must carry the same key.
+    script = Script(failure, infer_ok)
     delays = []
     with client_for(script, delays) as gateway:
         gateway._signatures._names["m1"] = ["x"]
-        with pytest.raises(gr.GridConnectionError):
+        result = gateway.run_remote_inference("m1", np.ones((2, 2), np.float32))
+
+    keys = [r.headers.get("Idempotency-Key") for r in script.requests]
+    assert result.tolist() == [[2.0, 2.0], [2.0, 2.0]]
+    assert delays == [0.5]
+    assert len(keys) == 2
+    assert keys[0] is not None
+    assert keys[1] == keys[0]
+
+
+def test_infer_gives_up_after_retries():
+    script = Script(*[httpx.ReadTimeout("slow") for _ in range(2)])
+    delays = []
+    with client_for(script, delays, retries=1) as gateway:
+        gateway._signatures._names["m1"] = ["x"]
+        with pytest.raises(gr.GridConnectionError) as caught:
             gateway.run_remote_inference("m1", np.ones((2, 2), np.float32))
 
-    assert delays == []
-    assert len(script.requests) == 1
+    assert caught.value.code == "timeout"
+    assert delays == [0.5]
+    assert len(script.requests) == 2
 
 
 def test_infer_retried_after_connect_error():

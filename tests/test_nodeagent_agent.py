@@ -482,9 +482,9 @@ async def test_oversized_output_kind_model(tmp_path):
             sha256 = await session.send_model(archive)
             assert (await session.receive())["type"] == "model.ready"
             # 100 rows of 3 float32 outputs make more than 1024 bytes.
-            await session.infer(sha256, {"input": torch.randn(100, 8)})
+            await session.infer(sha256, {"input": torch.randn(100, 8)}, job_id="big")
             error = await session.receive()
-            await session.infer(sha256, {"input": torch.randn(1, 8)})
+            await session.infer(sha256, {"input": torch.randn(1, 8)}, job_id="small")
             header, _ = await session.receive()
 
     assert error["type"] == "infer.error"

@@ -81,6 +81,45 @@ def test_defaults():
     assert config.name != ""
 
 
+def test_batching_defaults():
+    config = resolve_config(gateway="http://localhost:8000", token="secret", environ={})
+
+    assert config.batch_window_ms == 1
+    assert config.max_batch_rows == 256
+    assert config.fault is None
+
+
+def test_batching_and_fault_settings():
+    environ = {
+        "GRID_BATCH_WINDOW_MS": "0",
+        "GRID_MAX_BATCH_ROWS": "64",
+        "GRID_AGENT_FAULT": "crash-on-infer",
+    }
+
+    config = resolve_config(
+        gateway="http://localhost:8000",
+        token="secret",
+        batch_window_ms="5",
+        environ=environ,
+    )
+
+    assert config.batch_window_ms == 5
+    assert config.max_batch_rows == 64
+    assert config.fault == "crash-on-infer"
+
+
+def test_help_lists_knobs(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+
+    help_text = capsys.readouterr().out
+    assert "GRID_BATCH_WINDOW_MS" in help_text
+    assert "GRID_MAX_BATCH_ROWS" in help_text
+    assert "GRID_AGENT_FAULT" in help_text
+    assert "crash-on-infer" in help_text
+    assert "wrong-outputs" in help_text
+
+
 def test_options_override_environment():
     environ = {"GRID_GATEWAY": "https://a.example.com", "GRID_CONCURRENCY": "4"}
 
@@ -114,6 +153,19 @@ def test_token_not_in_repr():
         ),
         ({"GRID_WS_MAX_BYTES": "1024"}, "GRID_WS_MAX_BYTES must be at least 2097152"),
         ({"GRID_AGENT_DELAY_MS": "-1"}, "GRID_AGENT_DELAY_MS must be at least 0"),
+        (
+            {"GRID_BATCH_WINDOW_MS": "-1"},
+            "--batch-window-ms / GRID_BATCH_WINDOW_MS must be at least 0",
+        ),
+        (
+            {"GRID_MAX_BATCH_ROWS": "0"},
+            "--max-batch-rows / GRID_MAX_BATCH_ROWS must be at least 1",
+        ),
+        (
+            {"GRID_AGENT_FAULT": "explode"},
+            "GRID_AGENT_FAULT must be one of wrong-outputs, crash-on-infer, "
+            "got 'explode'",
+        ),
     ],
 )
 def test_invalid_numbers(environ, message):

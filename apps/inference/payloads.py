@@ -28,18 +28,27 @@ async def load_input(job_id: str) -> bytes | None:
     return await async_client().get(_input_key(job_id))
 
 
-async def store_output(job_id: str, body: bytes) -> None:
-    await async_client().set(_output_key(job_id), body, ex=settings.GRID["RESULT_TTL"])
+async def store_output(job_id: str, body: bytes, ttl: int | None = None) -> None:
+    await async_client().set(_output_key(job_id), body, ex=ttl or settings.GRID["RESULT_TTL"])
 
 
 async def take_output(job_id: str) -> bytes | None:
-    """Read an output and delete it with its input: the waiting client has it now."""
+    """Read an output and shorten its life: the client has it now.
+
+    It stays DELIVERED_RESULT_TTL seconds more for a retry with the same
+    Idempotency-Key. The input is deleted at once.
+    """
     client = async_client()
     async with client.pipeline(transaction=False) as pipe:
         pipe.get(_output_key(job_id))
-        pipe.delete(_output_key(job_id), _input_key(job_id))
-        output, _ = await pipe.execute()
+        pipe.expire(_output_key(job_id), settings.GRID["DELIVERED_RESULT_TTL"])
+        pipe.delete(_input_key(job_id))
+        output, _, _ = await pipe.execute()
     return output
+
+
+async def read_output(job_id: str) -> bytes | None:
+    return await async_client().get(_output_key(job_id))
 
 
 async def drop_input(job_id: str) -> None:

@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from apps.inference.models import InferenceJob, Placement
 from apps.inference.services import dispatch, placement
+from apps.registry import history
 from apps.registry import services as registry
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,11 @@ def advance_placement(model_pk: int) -> list[int]:
 
 
 @shared_task
+def retire_version(model_pk: int, sha256: str) -> int:
+    return placement.retire(model_pk, sha256)
+
+
+@shared_task
 def sweep_nodes() -> dict[str, int]:
     """Flush heartbeats to PostgreSQL and take nodes whose heartbeats stopped offline.
 
@@ -38,7 +44,9 @@ def sweep_nodes() -> dict[str, int]:
     whose gateway process died, so no consumer is left to do it.
     """
     flushed = registry.flush_heartbeats()
-    stale = registry.stale_node_ids(time.time())
+    now = time.time()
+    history.record_samples(now)
+    stale = registry.stale_node_ids(now)
     for node_id in stale:
         try:
             node_lost(node_id, "heartbeats stopped and no gateway process holds its socket")
@@ -75,6 +83,26 @@ def sweep_jobs() -> dict[str, int]:
     for job_id in stalled:
         async_to_sync(dispatch.fail_over_if_stalled)(str(job_id))
     return {"expired": len(expired), "stalled": len(stalled)}
+
+
+@shared_task
+def heal_replicas() -> int:
+    """Give up replicas on nodes offline past REPLICA_GRACE and re-create them elsewhere.
+
+    Returns the number of replicas given up. advance() places the new ones,
+    relaying the bytes from a surviving replica when the upload is gone.
+    """
+    cutoff = timezone.now() - timezone.timedelta(seconds=settings.GRID["REPLICA_GRACE"])
+    lost = list(
+        Placement.objects.filter(status=Placement.Status.READY, node__status="offline", node__status_changed__lt=cutoff)
+        .select_related("model", "node")
+    )
+    for replica in lost:
+        placement.mark_lost(replica.pk, f"node {replica.node.name} offline for more than {settings.GRID['REPLICA_GRACE']:.0f} s")
+    short = {replica.model_id for replica in lost} | set(placement.models_short_of_replicas())
+    for model_pk in short:
+        advance_placement.delay(model_pk)
+    return len(lost)
 
 
 @shared_task

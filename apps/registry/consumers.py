@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +23,23 @@ from django.conf import settings
 from apps.accounts.authentication import bearer_token
 from apps.inference import payloads
 from apps.inference.delivery import send_to_channel
-from apps.inference.services import dispatch, placement
-from apps.registry import presence, services
+from apps.inference.services import datalocal, dispatch, placement, relay
+from apps.registry import datasets, presence, services
 from gridproto import PROTOCOL_VERSION
 from gridproto.frames import FrameError, decode_frame, encode_frame
 from gridproto.messages import AGENT_MESSAGES, MessageError, parse_control
+from gridsite import metrics
 
 logger = logging.getLogger(__name__)
 
 CLOSE_PROTOCOL = 4400
 CLOSE_HEARTBEAT = 4408
 CLOSE_SUPERSEDED = 4409
+CLOSE_GOING_AWAY = 1001
+
+# The consumers with an open agent socket in this process, for the shutdown
+# drain (apps.registry.shutdown).
+live_consumers: weakref.WeakSet[AgentConsumer] = weakref.WeakSet()
 
 
 def _enqueue_advance(model_pks: list[int]) -> None:
@@ -63,7 +70,10 @@ class AgentConsumer(AsyncWebsocketConsumer):
         # job id -> (attempt, reply channel) for requests sent to this agent.
         self.in_flight: dict[str, tuple[int, str]] = {}
         self.background: set[asyncio.Task] = set()
+        # sha256 -> the relay this agent is uploading to the staging folder.
+        self.relays: dict[str, relay.RelayWriter] = {}
         await self.accept()
+        live_consumers.add(self)
         self._spawn(self._watch_heartbeats())
         logger.info("node %s (%s) connected from %s", self.node_id, self.node_name, peer)
 
@@ -79,6 +89,9 @@ class AgentConsumer(AsyncWebsocketConsumer):
             if task is not asyncio.current_task():
                 task.cancel()
         logger.info("node %s (%s) disconnected with code %s", self.node_id, self.node_name, code)
+        for sha256, writer in list(self.relays.items()):
+            await asyncio.to_thread(writer.abort, f"node {self.node_id} disconnected during the upload")
+        self.relays.clear()
         await self._node_lost(f"socket closed with code {code}")
 
     async def _node_lost(self, reason: str) -> None:
@@ -102,12 +115,12 @@ class AgentConsumer(AsyncWebsocketConsumer):
             silent = time.monotonic() - self.last_seen
             if not self.greeted and silent > limit:
                 logger.warning("node %s sent no hello within %.1f s; closing", self.node_id, limit)
-                await self.close(code=CLOSE_PROTOCOL)
+                await self._close_safely(CLOSE_PROTOCOL)
                 return
             if self.greeted and silent > limit:
                 logger.warning("node %s: no heartbeat for %.1f s; closing and marking offline", self.node_id, silent)
                 await self._node_lost(f"no heartbeat for {silent:.1f} s")
-                await self.close(code=CLOSE_HEARTBEAT)
+                await self._close_safely(CLOSE_HEARTBEAT)
                 return
 
     # Agent -> gateway.
@@ -122,7 +135,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             logger.warning("node %s sent an invalid message: %s", self.node_id, exc)
             await self._send_json({"type": "error", "code": "invalid_message", "message": str(exc)})
             if not self.greeted:
-                await self.close(code=CLOSE_PROTOCOL)
+                await self._close_safely(CLOSE_PROTOCOL)
             return
         kind = message["type"]
         if kind != "hello" and not self.greeted:
@@ -135,7 +148,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
     async def _protocol_error(self, text: str) -> None:
         logger.warning("node %s protocol error: %s", self.node_id, text)
         await self._send_json({"type": "error", "code": "protocol", "message": text})
-        await self.close(code=CLOSE_PROTOCOL)
+        await self._close_safely(CLOSE_PROTOCOL)
 
     async def _on_hello(self, message: dict[str, Any]) -> None:
         if self.greeted:
@@ -150,6 +163,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             await send_to_channel(previous, {"type": "agent.supersede"})
         self.greeted = True
         await database_sync_to_async(services.mark_online)(self.node_id, message)
+        await database_sync_to_async(datasets.replace_node_datasets)(self.node_id, message.get("datasets", []))
         await presence.record_heartbeat(self.node_id, 0)
         await self._send_json(
             {
@@ -171,6 +185,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         await database_sync_to_async(_enqueue_advance)(lost)
 
     async def _on_heartbeat(self, message: dict[str, Any]) -> None:
+        metrics.observe_heartbeat(message.get("sent_at"), time.time())
         await presence.record_heartbeat(self.node_id, message["in_flight"])
 
     async def _on_model_ready(self, message: dict[str, Any]) -> None:
@@ -192,6 +207,15 @@ class AgentConsumer(AsyncWebsocketConsumer):
         await dispatch.finish_job(
             message["job_id"], node_id=self.node_id, attempt=message["attempt"], reply_channel=entry[1], error=message["error"], kind=message["kind"]
         )
+
+    async def _on_infer_summary(self, message: dict[str, Any]) -> None:
+        entry = self._claim_answer(message["job_id"], message["attempt"])
+        if entry is None:
+            return
+        await datalocal.finish_summary(message, node_id=self.node_id, reply_channel=entry[1])
+
+    async def _on_datasets(self, message: dict[str, Any]) -> None:
+        await database_sync_to_async(datasets.replace_node_datasets)(self.node_id, message["datasets"])
 
     async def _on_bye(self, message: dict[str, Any]) -> None:
         logger.info("node %s is leaving: %s", self.node_id, message["reason"][:200])
@@ -215,6 +239,9 @@ class AgentConsumer(AsyncWebsocketConsumer):
             logger.warning("node %s sent an invalid frame: %s", self.node_id, exc)
             return
         self.last_seen = time.monotonic()
+        if header["type"] == "model.data":
+            await self._receive_relay_chunk(header, body)
+            return
         if header["type"] != "infer.result":
             logger.warning("node %s sent an unexpected %s frame; ignored", self.node_id, header["type"])
             return
@@ -231,7 +258,36 @@ class AgentConsumer(AsyncWebsocketConsumer):
             compute_ms=float(elapsed) if isinstance(elapsed, (int, float)) else None,
         )
 
+    async def _receive_relay_chunk(self, header: dict[str, Any], body: memoryview) -> None:
+        sha256, offset, final = header.get("sha256"), header.get("offset"), header.get("final")
+        if not isinstance(sha256, str) or not isinstance(offset, int) or not isinstance(final, bool):
+            logger.warning("node %s sent a malformed model.data header; ignored", self.node_id)
+            return
+        writer = self.relays.get(sha256)
+        if writer is None:
+            if offset != 0 or await asyncio.to_thread(relay.relay_state, sha256) != str(self.node_id):
+                logger.warning("node %s sent model.data for %s, which was not requested; ignored", self.node_id, sha256)
+                return
+            writer = self.relays[sha256] = await asyncio.to_thread(relay.RelayWriter, sha256, self.node_id)
+        try:
+            await asyncio.to_thread(writer.write, offset, bytes(body))
+        except (ValueError, OSError) as exc:
+            del self.relays[sha256]
+            await asyncio.to_thread(writer.abort, str(exc))
+            return
+        if final:
+            del self.relays[sha256]
+            if await asyncio.to_thread(writer.finish):
+                models = await database_sync_to_async(placement.models_with_file)(sha256)
+                await database_sync_to_async(_enqueue_advance)(models)
+
+    async def _on_model_upload_failed(self, message: dict[str, Any]) -> None:
+        await asyncio.to_thread(relay.relay_failed, message["sha256"], f"node {self.node_id}: {message['error']}")
+
     # Channels layer -> agent.
+
+    async def agent_upload(self, event: dict[str, Any]) -> None:
+        await self._send_json({"type": "model.upload", "sha256": event["sha256"]})
 
     async def agent_dispatch(self, event: dict[str, Any]) -> None:
         job_id = event["job_id"]
@@ -243,7 +299,11 @@ class AgentConsumer(AsyncWebsocketConsumer):
             return
         self.in_flight[job_id] = (event["attempt"], event["reply_channel"])
         header = {"type": "infer.request", "job_id": job_id, "attempt": event["attempt"], "sha256": event["sha256"], "timeout": event["timeout"]}
-        await self.send(bytes_data=encode_frame(header, body))
+        await self._send_safely(bytes_data=encode_frame(header, body))
+
+    async def agent_infer_dataset(self, event: dict[str, Any]) -> None:
+        self.in_flight[event["job_id"]] = (event["attempt"], event["reply_channel"])
+        await self._send_json(datalocal.request_message(event))
 
     async def agent_place(self, event: dict[str, Any]) -> None:
         # Streaming runs beside the consumer's message loop, so heartbeats and
@@ -261,7 +321,8 @@ class AgentConsumer(AsyncWebsocketConsumer):
                     chunk = await asyncio.to_thread(source.read, chunk_bytes)
                     final = offset + len(chunk) >= size or not chunk
                     header = {"type": "model.chunk", "sha256": sha256, "offset": offset, "final": final}
-                    await self.send(bytes_data=encode_frame(header, chunk))
+                    if not await self._send_safely(bytes_data=encode_frame(header, chunk)):
+                        return
                     offset += len(chunk)
                     if final:
                         break
@@ -278,11 +339,41 @@ class AgentConsumer(AsyncWebsocketConsumer):
     async def agent_disconnect(self, event: dict[str, Any]) -> None:
         await self._send_json({"type": "disconnect", "reason": event.get("reason", "requested by an operator")})
         await self._node_lost(event.get("reason", "disconnected by an operator"))
-        await self.close(code=1000)
+        await self._close_safely(1000)
+
+    async def go_away(self, reason: str) -> None:
+        """Take the node offline here, failing its jobs over, then close with 1001.
+
+        The agent reconnects, to another gateway process when it has a list of them.
+        """
+        live_consumers.discard(self)
+        await self._node_lost(reason)
+        await self._close_safely(CLOSE_GOING_AWAY)
 
     async def agent_supersede(self, event: dict[str, Any]) -> None:
         self.lost = True  # The newer socket owns the node's state now.
-        await self.close(code=CLOSE_SUPERSEDED)
+        await self._close_safely(CLOSE_SUPERSEDED)
 
     async def _send_json(self, message: dict[str, Any]) -> None:
-        await self.send(text_data=json.dumps(message))
+        await self._send_safely(text_data=json.dumps(message))
+
+    async def _send_safely(self, **data: Any) -> bool:
+        """Send to the agent; on a closed socket, mark the node lost instead of raising.
+
+        uvicorn raises once the peer has gone, and an exception escaping a
+        handler would end the consumer before its disconnect handler runs, so
+        the node would stay online until the heartbeat watchdog noticed.
+        """
+        try:
+            await self.send(**data)
+            return True
+        except (RuntimeError, OSError) as exc:
+            logger.info("node %s: send failed because the socket is closed: %s", self.node_id, exc)
+            await self._node_lost("socket closed")
+            return False
+
+    async def _close_safely(self, code: int) -> None:
+        try:
+            await self.close(code=code)
+        except (RuntimeError, OSError) as exc:
+            logger.info("node %s: socket already closed before close code %s: %s", self.node_id, code, exc)

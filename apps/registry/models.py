@@ -22,6 +22,9 @@ class Node(models.Model):
     # Written when the node connects, disconnects, and by the periodic
     # heartbeat flush; live heartbeats are kept in Redis (apps.registry.presence).
     last_heartbeat = models.DateTimeField(null=True, blank=True)
+    # When the status last changed: replicas on a node offline for longer than
+    # the grace period are re-created elsewhere.
+    status_changed = models.DateTimeField(null=True, blank=True)
     connected_since = models.DateTimeField(null=True, blank=True)
     protocol_version = models.PositiveIntegerField(null=True, blank=True)
     # torch version, CPU count, memory bytes and device, as the agent reported them.
@@ -29,6 +32,9 @@ class Node(models.Model):
     concurrency = models.PositiveIntegerField(default=1)
     # Inference requests running on the node at its last heartbeat.
     in_flight = models.PositiveIntegerField(default=0)
+    # Outputs of this node that disagreed with another replica under verify=2,
+    # newest first: [{"model_id", "jobs", "nodes", "detail", "at"}]. The dashboard shows them.
+    verification_mismatches = models.JSONField(default=list, blank=True)
     created = models.DateTimeField(auto_now_add=True)
 
     class Meta:

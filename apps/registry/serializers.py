@@ -21,6 +21,7 @@ class NodeSerializer(serializers.ModelSerializer):
             "concurrency",
             "in_flight",
             "models",
+            "verification_mismatches",
         ]
 
     def get_models(self, obj: Node) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from functools import partial
 from typing import Any
 
 from django.conf import settings
@@ -11,7 +12,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from apps.accounts.tokens import hash_token
-from apps.registry import presence
+from apps.registry import events, presence
 from apps.registry.models import Node
 
 logger = logging.getLogger(__name__)
@@ -35,11 +36,14 @@ def mark_online(node_id: int, hello: dict[str, Any]) -> Node:
             node.status = Node.Status.ONLINE
         node.connected_since = now
         node.last_heartbeat = now
+        node.status_changed = now
         node.protocol_version = hello["protocol"]
         node.capabilities = _clean_capabilities(hello.get("capabilities", {}))
         node.concurrency = max(1, min(int(hello.get("concurrency", 1)), 1024))
         node.in_flight = 0
         node.save()
+    # on_commit runs at once outside a transaction; inside one it waits for the commit.
+    transaction.on_commit(partial(events.publish_node_status, node.pk, str(node.status)))
     logger.info("node %s (%s) online, protocol %s", node.pk, node.name, node.protocol_version)
     return node
 
@@ -63,9 +67,10 @@ def mark_offline(node_id: int, reason: str) -> bool:
     changed = (
         Node.objects.filter(pk=node_id)
         .exclude(status=Node.Status.OFFLINE)
-        .update(status=Node.Status.OFFLINE, in_flight=0, last_heartbeat=now)
+        .update(status=Node.Status.OFFLINE, in_flight=0, status_changed=now)
     )
     if changed:
+        transaction.on_commit(partial(events.publish_node_status, node_id, Node.Status.OFFLINE.value))
         logger.info("node %s offline: %s", node_id, reason)
     return bool(changed)
 

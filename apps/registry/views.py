@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import Counter
 
 from django.db.models import Prefetch
-from rest_framework.permissions import IsAdminUser
+from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from apps.inference.delivery import send_to_node_sync
+from apps.accounts.permissions import ADMIN, IsStaff, TokenScope
 from apps.inference.models import Placement
-from apps.registry import services
+from apps.registry import operations
 from apps.registry.models import Dataset, Node
 from apps.registry.serializers import DatasetSerializer, NodeSerializer
+from gridproto.datasets import MAX_TAGS
 from gridsite.errors import ApiError
 
 logger = logging.getLogger(__name__)
@@ -44,35 +46,47 @@ class NodeDetailView(APIView):
 class DisconnectNodesView(APIView):
     """Ask every connected agent to disconnect cleanly. Staff only."""
 
-    permission_classes = [IsAdminUser]
+    permission_classes = [IsAuthenticated, IsStaff, TokenScope]
+    write_scope = ADMIN
 
     def post(self, request: Request) -> Response:
-        count = 0
-        for node_id in Node.objects.exclude(status=Node.Status.OFFLINE).values_list("pk", flat=True):
-            delivered = send_to_node_sync(node_id, {"type": "agent.disconnect", "reason": "disconnected by an operator"})
-            # The consumer marks the node offline itself; this covers nodes
-            # whose consumer is gone.
-            services.mark_offline(node_id, "disconnected by an operator")
-            count += 1
-            logger.info("node %s disconnect requested by user %s (delivered: %s)", node_id, request.user.pk, delivered)
+        count = operations.disconnect_all(actor=f"user {request.user.pk}")
         return Response({"disconnected": count})
 
 
 def parse_tags(raw: str | None) -> list[str]:
+    """Split ?tags=a,b into lowercase tags; raise a 400 naming the bad tag."""
     if raw is None or not raw.strip():
         raise ApiError(400, "invalid_input", "tags is required: pass ?tags=a,b with one or more comma-separated tags", "tags")
-    tags = [tag.strip() for tag in raw.split(",")]
+    # Agents store tags in lowercase, so the search ignores case.
+    tags = [tag.strip().lower() for tag in raw.split(",")]
+    if len(tags) > MAX_TAGS:
+        raise ApiError(400, "invalid_input", f"tags lists {len(tags)} tags; a search takes at most {MAX_TAGS}", "tags")
     for tag in tags:
         if not TAG.match(tag):
             raise ApiError(400, "invalid_input", f"tag {tag!r} is invalid; tags are 1-64 letters, digits, '_', '.', ':' or '-'", "tags")
     return tags
 
 
+def parse_flag(request: Request, name: str) -> bool:
+    """Read an optional boolean query parameter; raise a 400 for a value that is not one."""
+    raw = request.query_params.get(name, "")
+    value = raw.strip().lower()
+    if value in {"", "0", "false", "no", "off"}:
+        return False
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    raise ApiError(400, "invalid_input", f"{name}={raw!r} is not a boolean; pass {name}=1 or {name}=0", name)
+
+
 class SearchView(APIView):
     def get(self, request: Request) -> Response:
+        """Datasets carrying every given tag. Offline and draining nodes' datasets
+        are left out unless include_offline is set; each result has node_status."""
         tags = parse_tags(request.query_params.get("tags"))
+        include_offline = parse_flag(request, "include_offline")
         datasets = Dataset.objects.select_related("node").filter(tags__contains=tags)
-        if request.query_params.get("include_offline", "").lower() not in {"1", "true", "yes"}:
+        if not include_offline:
             datasets = datasets.filter(node__status=Node.Status.ONLINE)
         data = DatasetSerializer(datasets, many=True).data
         return Response({"count": len(data), "results": data})
@@ -80,5 +94,10 @@ class SearchView(APIView):
 
 class TagListView(APIView):
     def get(self, request: Request) -> Response:
-        tags = sorted({tag for tags in Dataset.objects.values_list("tags", flat=True) for tag in tags})
-        return Response({"tags": tags})
+        """Tags of the datasets on online nodes (on every node with include_offline),
+        with the number of datasets that carry each."""
+        datasets = Dataset.objects.all()
+        if not parse_flag(request, "include_offline"):
+            datasets = datasets.filter(node__status=Node.Status.ONLINE)
+        counts = Counter(tag for tags in datasets.values_list("tags", flat=True) for tag in tags)
+        return Response({"tags": sorted(counts), "counts": dict(sorted(counts.items()))})

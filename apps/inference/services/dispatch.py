@@ -8,20 +8,23 @@ callers that want the result wait on their reply channel (apps.inference.mailbox
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
+import time
 import uuid
 from dataclasses import dataclass
 
 from channels.db import database_sync_to_async
 from django.conf import settings
-from django.db.models import Count, Q
+from django.db.models import Count, F, Q
 from django.utils import timezone
 
 from apps.inference import payloads
 from apps.inference.delivery import send_to_channel, send_to_node
 from apps.inference.models import InferenceJob, Model, Placement
 from apps.registry.models import Node
+from gridsite.metrics import FAILOVERS
 
 logger = logging.getLogger(__name__)
 
@@ -49,28 +52,70 @@ class Outcome:
     output: bytes | None
 
 
-def choose_node(model_pk: int, exclude: list[int] | tuple[int, ...] = ()) -> int | None:
+def choose_node(model_pk: int, exclude: list[int] | tuple[int, ...] = (), *, with_room: bool = False, sha256: str | None = None) -> int | None:
     """Pick the online node with a ready replica and the fewest jobs running.
 
-    Ties are broken at random so that idle replicas share the work. One query.
+    Ties are broken at random so that idle replicas share the work. With
+    ``with_room``, only nodes running fewer than their capacity count. Only
+    replicas of version ``sha256`` count, by default the active one. One query.
     """
+    version = Q(sha256=sha256) if sha256 else Q(sha256=F("model__sha256"))
     rows = list(
-        Placement.objects.filter(model_id=model_pk, status=Placement.Status.READY, node__status=Node.Status.ONLINE)
+        Placement.objects.filter(version, model_id=model_pk, status=Placement.Status.READY, node__status=Node.Status.ONLINE)
         .exclude(node_id__in=list(exclude))
         .annotate(busy=Count("node__jobs", filter=Q(node__jobs__status=Running)))
-        .values_list("node_id", "busy")
+        .values_list("node_id", "busy", "node__concurrency")
     )
+    if with_room:
+        factor = settings.GRID["NODE_QUEUE_FACTOR"]
+        rows = [row for row in rows if row[1] < row[2] * factor]
     if not rows:
         return None
-    least = min(busy for _, busy in rows)
-    return random.choice([node_id for node_id, busy in rows if busy == least])
+    least = min(busy for _, busy, _ in rows)
+    return random.choice([node_id for node_id, busy, _ in rows if busy == least])
 
 
-def _create_job(*, job_id: uuid.UUID, model: Model, owner_id: int | None, node_id: int, reply_channel: str, timeout: float, size: int) -> InferenceJob:
+class BusyError(Exception):
+    """Every replica is at capacity and the wait for a free one ran out."""
+
+
+_waiting = 0
+
+
+async def _node_with_room(model: Model, exclude: tuple[int, ...], sha256: str) -> int:
+    """Wait in a bounded queue until a replica has room; raise if none ever had one.
+
+    A node has room while it runs fewer jobs than its advertised concurrency
+    times NODE_QUEUE_FACTOR; the extra slots let the agent batch requests.
+    """
+    global _waiting
+    pick = database_sync_to_async(choose_node)
+    node_id = await pick(model.pk, exclude, with_room=True, sha256=sha256)
+    if node_id is not None:
+        return node_id
+    if await pick(model.pk, exclude, sha256=sha256) is None:
+        raise NoReplicaError(f"no online node holds a ready replica of model {model.model_id!r}")
+    if _waiting >= settings.GRID["QUEUE_MAX"]:
+        raise BusyError(f"every replica of model {model.model_id!r} is busy and {_waiting} requests already wait")
+    _waiting += 1
+    try:
+        deadline = time.monotonic() + settings.GRID["QUEUE_WAIT"]
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+            node_id = await pick(model.pk, exclude, with_room=True, sha256=sha256)
+            if node_id is not None:
+                return node_id
+    finally:
+        _waiting -= 1
+    raise BusyError(f"every replica of model {model.model_id!r} stayed busy for {settings.GRID['QUEUE_WAIT']} s")
+
+
+def _create_job(*, job_id: uuid.UUID, model: Model, sha256: str, owner_id: int | None, node_id: int, reply_channel: str, timeout: float, size: int) -> InferenceJob:
     now = timezone.now()
     return InferenceJob.objects.create(
         id=job_id,
         model=model,
+        sha256=sha256,
         owner_id=owner_id,
         status=Running,
         node_id=node_id,
@@ -95,19 +140,32 @@ async def _send_attempt(job_id: str, node_id: int, attempt: int, *, sha256: str,
     return await send_to_node(node_id, message)
 
 
-async def start_job(*, job_id: uuid.UUID, model: Model, owner_id: int | None, body: bytes, timeout: float, reply_channel: str) -> InferenceJob:
-    """Create a running job on the least busy replica and send it there.
+async def start_job(
+    *,
+    job_id: uuid.UUID,
+    model: Model,
+    owner_id: int | None,
+    body: bytes,
+    timeout: float,
+    reply_channel: str,
+    exclude: tuple[int, ...] = (),
+    sha256: str = "",
+) -> InferenceJob:
+    """Create a running job on the least busy replica with room and send it there.
 
-    Raises NoReplicaError, without creating a job, when no replica is ready.
+    Raises NoReplicaError when no replica is ready and BusyError when all stay
+    full; neither creates a job. ``exclude`` keeps the job off those nodes;
+    ``sha256`` pins a version (default: the active one).
     """
-    node_id = await database_sync_to_async(choose_node)(model.pk)
-    if node_id is None:
-        raise NoReplicaError(f"no online node holds a ready replica of model {model.model_id!r}")
+    sha256 = sha256 or model.sha256
+    node_id = await _node_with_room(model, exclude, sha256)
     await payloads.store_input(str(job_id), body, timeout)
     job = await database_sync_to_async(_create_job)(
-        job_id=job_id, model=model, owner_id=owner_id, node_id=node_id, reply_channel=reply_channel, timeout=timeout, size=len(body)
+        job_id=job_id, model=model, sha256=sha256, owner_id=owner_id, node_id=node_id, reply_channel=reply_channel, timeout=timeout, size=len(body)
     )
-    delivered = await _send_attempt(str(job_id), node_id, 1, sha256=model.sha256, timeout=timeout, reply_channel=reply_channel, body=body)
+    if exclude:
+        await database_sync_to_async(InferenceJob.objects.filter(pk=job_id).update)(failed_nodes=list(exclude))
+    delivered = await _send_attempt(str(job_id), node_id, 1, sha256=sha256, timeout=timeout, reply_channel=reply_channel, body=body)
     if not delivered:
         await redispatch(str(job_id), failed_node_id=node_id, attempt=1, reason="node not reachable")
     return job
@@ -135,6 +193,11 @@ async def redispatch(job_id: str, *, failed_node_id: int, attempt: int, reason: 
         job = await database_sync_to_async(_load_running)(job_id)
         if job is None or job.node_id != failed_node_id or job.attempts != attempt:
             return
+        if job.dataset:
+            # Only this node holds the dataset's rows, so no other node can take the job.
+            message = f"node {failed_node_id} failed the job over dataset {job.dataset!r}: {reason}"
+            await fail_job(job_id, code="node_failed", message=message, reply_channel=job.reply_channel)
+            return
         failed_nodes = sorted({*job.failed_nodes, failed_node_id})
         if job.attempts >= settings.GRID["MAX_ATTEMPTS"]:
             await fail_job(job_id, code="attempts_exhausted", message=f"job failed on {job.attempts} nodes; last error: {reason}", reply_channel=job.reply_channel)
@@ -142,7 +205,7 @@ async def redispatch(job_id: str, *, failed_node_id: int, attempt: int, reason: 
         if job.deadline <= timezone.now():
             await fail_job(job_id, code="timeout", message=f"job passed its deadline; last error: {reason}", reply_channel=job.reply_channel)
             return
-        next_node = await database_sync_to_async(choose_node)(job.model_id, failed_nodes)
+        next_node = await database_sync_to_async(choose_node)(job.model_id, failed_nodes, sha256=job.sha256)
         if next_node is None:
             await fail_job(
                 job_id,
@@ -155,12 +218,13 @@ async def redispatch(job_id: str, *, failed_node_id: int, attempt: int, reason: 
         if not moved:
             return
         logger.warning("job %s failover from node %s to node %s (attempt %s): %s", job_id, failed_node_id, next_node, attempt + 1, reason)
+        FAILOVERS.inc()
         body = await payloads.load_input(job_id)
         if body is None:
             await fail_job(job_id, code="input_expired", message="the job's input expired before a replica could run it", reply_channel=job.reply_channel)
             return
         remaining = max(0.0, (job.deadline - timezone.now()).total_seconds())
-        if await _send_attempt(job_id, next_node, attempt + 1, sha256=job.model.sha256, timeout=remaining, reply_channel=job.reply_channel, body=body):
+        if await _send_attempt(job_id, next_node, attempt + 1, sha256=job.sha256, timeout=remaining, reply_channel=job.reply_channel, body=body):
             return
         failed_node_id, attempt, reason = next_node, attempt + 1, "node not reachable"
 
@@ -192,10 +256,11 @@ async def finish_job(job_id: str, *, node_id: int, attempt: int, reply_channel: 
     if output is not None and inline is None:
         await payloads.store_output(job_id, output)
     delivered = await _notify(reply_channel, job_id, status=status, code=code, error=error, node_id=node_id, attempts=attempt, output=inline)
-    if inline is not None and not delivered:
-        # Nobody waits (an async job, or the request's process died): keep the
-        # result readable for RESULT_TTL seconds.
-        await payloads.store_output(job_id, inline)
+    if inline is not None:
+        # Kept briefly even when delivered, so a retry with the same
+        # Idempotency-Key gets the same result; RESULT_TTL when nobody waited.
+        ttl = settings.GRID["RESULT_TTL"] if not delivered else settings.GRID["DELIVERED_RESULT_TTL"]
+        await payloads.store_output(job_id, inline, ttl=ttl)
     return True
 
 
@@ -238,7 +303,9 @@ async def _notify(reply_channel: str, job_id: str, *, status: str, code: str, er
 
 
 def _stalled_attempt(job_id: str) -> tuple[int, int] | None:
-    job = InferenceJob.objects.filter(pk=job_id, status=Running).values_list("node_id", "attempts", "dispatched").first()
+    # A data-local job (dataset set) may run long over many rows and cannot
+    # move, so only its deadline bounds it.
+    job = InferenceJob.objects.filter(pk=job_id, status=Running, dataset="").values_list("node_id", "attempts", "dispatched").first()
     if job is None:
         return None
     node_id, attempts, dispatched = job

@@ -17,11 +17,12 @@ from typing import IO
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Count
+from django.db.models import Count, F, Q
 
 from apps.inference.delivery import send_to_node_sync
 from apps.inference.models import Model, Placement
 from apps.registry.models import Node
+from gridsite.redis import key, sync_client
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +61,27 @@ def stage_upload(source: IO[bytes]) -> tuple[str, int, Path]:
     return sha256, size, path
 
 
+def _readers_key(sha256: str) -> str:
+    return key("staging-readers", sha256)
+
+
+def add_staging_reader(sha256: str) -> None:
+    """Keep a staged file while a download streams it (for at most an hour)."""
+    client = sync_client()
+    client.incr(_readers_key(sha256))
+    client.expire(_readers_key(sha256), 3600)
+
+
+def remove_staging_reader(sha256: str) -> None:
+    sync_client().decr(_readers_key(sha256))
+    release_staging(sha256)
+
+
 def release_staging(sha256: str) -> None:
-    """Delete a staged upload once no placement of that file is in progress."""
-    if Placement.objects.filter(model__sha256=sha256, status__in=ACTIVE).exists():
+    """Delete a staged upload once no placement or download of that file is in progress."""
+    if Placement.objects.filter(sha256=sha256, status__in=ACTIVE).exists():
+        return
+    if int(sync_client().get(_readers_key(sha256)) or 0) > 0:
         return
     path = staging_path(sha256)
     if path.exists():
@@ -75,6 +94,14 @@ def _summary(placements: list[Placement]) -> str:
     return "; ".join(failures)
 
 
+def fits(model: Model, node: Node) -> bool:
+    """Whether a node meets the model's device and memory constraints."""
+    capabilities = node.capabilities or {}
+    if model.device and capabilities.get("device") != model.device:
+        return False
+    return capabilities.get("memory_bytes", 0) >= model.min_memory_bytes
+
+
 def advance(model_pk: int) -> list[int]:
     """Create placements until the model has its wanted replicas, then offer them.
 
@@ -84,32 +111,47 @@ def advance(model_pk: int) -> list[int]:
         model = Model.objects.select_for_update().filter(pk=model_pk).first()
         if model is None:
             return []
-        placements = list(model.placements.select_related("node"))
+        target = model.pending_sha256 or model.sha256
+        placements = list(model.placements.filter(sha256=target).select_related("node"))
         ready = [p for p in placements if p.status == Placement.Status.READY and p.node.status == Node.Status.ONLINE]
         active = [p for p in placements if p.status in ACTIVE]
         needed = model.replicas - len(ready) - len(active)
         new: list[Placement] = []
-        if needed > 0 and staging_path(model.sha256).exists():
+        relay_from = None
+        if needed > 0:
             tried = {p.node_id for p in placements}
-            candidates = (
-                Node.objects.filter(status=Node.Status.ONLINE)
+            candidates = [
+                node
+                for node in Node.objects.filter(status=Node.Status.ONLINE)
                 .exclude(pk__in=tried)
                 .annotate(held=Count("placements"))
-                .order_by("in_flight", "held", "name")[:needed]
-            )
-            new = [Placement.objects.create(model=model, node=node) for node in candidates]
-        if not new and not active:
+                .order_by("in_flight", "held", "name")
+                if fits(model, node)
+            ][:needed]
+            if staging_path(target).exists():
+                new = [Placement.objects.create(model=model, node=node, sha256=target) for node in candidates]
+            elif candidates and ready:
+                # The upload is gone: copy the bytes back from a surviving replica,
+                # and the relay's end calls advance again.
+                relay_from = ready[0].node_id
+        if relay_from is not None:
+            sha256, source = target, relay_from
+            transaction.on_commit(lambda: _request_relay(sha256, source))
+        elif not new and not active:
+            error = ""
             if len(ready) < model.replicas:
                 online = Node.objects.filter(status=Node.Status.ONLINE).count()
                 reason = f"{len(ready)} of {model.replicas} replicas ready"
-                detail = _summary(placements) or f"{online} online nodes for {model.replicas} replicas"
-                model.placement_error = f"{reason}; {detail}"
-                logger.warning("model %s placement ended short: %s", model.model_id, model.placement_error)
-            else:
-                model.placement_error = ""
-            model.save(update_fields=["placement_error"])
-            sha256 = model.sha256
-            transaction.on_commit(lambda: release_staging(sha256))
+                detail = _summary(placements) or f"{online} online nodes, and no other node fits the model's constraints"
+                error = f"{reason}; {detail}"
+            if error != model.placement_error:
+                model.placement_error = error
+                model.save(update_fields=["placement_error"])
+                if error:
+                    logger.warning("model %s placement ended short: %s", model.model_id, error)
+            if model.pending_sha256:
+                _finish_rollout(model, ready_count=len(ready))
+            transaction.on_commit(lambda: release_staging(target))
     offered = []
     for placement in new:
         if offer(placement.pk):
@@ -117,17 +159,70 @@ def advance(model_pk: int) -> list[int]:
     return offered
 
 
+def _request_relay(sha256: str, source_node_id: int) -> None:
+    from apps.inference.services.relay import request_relay
+
+    request_relay(sha256, source_node_id)
+
+
+def _finish_rollout(model: Model, *, ready_count: int) -> None:
+    """End a rollout whose transfers are over: switch versions, or keep the old one.
+
+    The new version becomes active when it is ready on at least as many nodes
+    as the old one (at most the wanted replicas). The old version keeps
+    serving jobs already sent to it; its replicas are retired a little later.
+    Called inside advance's transaction, with the model row locked.
+    """
+    old_ready = Placement.objects.filter(
+        model=model, sha256=model.sha256, status=Placement.Status.READY, node__status=Node.Status.ONLINE
+    ).count()
+    new_sha = model.pending_sha256
+    if ready_count >= max(1, min(model.replicas, old_ready)):
+        old_sha = model.sha256
+        model.sha256, model.size, model.input_signature = new_sha, model.pending_size, model.pending_signature
+        logger.info("model %s: version %s is active, replacing %s", model.model_id, new_sha, old_sha)
+        transaction.on_commit(lambda: _retire_later(model.pk, old_sha))
+    else:
+        model.placement_error = f"version {new_sha[:12]} was not rolled out and version {model.sha256[:12]} keeps serving: {model.placement_error}"
+        logger.warning("model %s: rollout of %s failed: %s", model.model_id, new_sha, model.placement_error)
+        transaction.on_commit(lambda: _retire_later(model.pk, new_sha))
+    model.pending_sha256, model.pending_size, model.pending_signature = "", 0, None
+    model.save()
+
+
+def _retire_later(model_pk: int, sha256: str) -> None:
+    from apps.inference.tasks import retire_version
+
+    # Jobs already sent to the old version get ATTEMPT_TIMEOUT to finish.
+    retire_version.apply_async((model_pk, sha256), countdown=settings.GRID["ATTEMPT_TIMEOUT"])
+
+
+def retire(model_pk: int, sha256: str) -> int:
+    """Evict a version that is neither active nor rolling out from its nodes."""
+    model = Model.objects.filter(pk=model_pk).first()
+    if model is not None and sha256 in (model.sha256, model.pending_sha256):
+        return 0
+    holders = list(Placement.objects.filter(model_id=model_pk, sha256=sha256).values_list("node_id", flat=True))
+    for node_id in holders:
+        if not Placement.objects.filter(node_id=node_id, sha256=sha256).exclude(model_id=model_pk).exists():
+            send_to_node_sync(node_id, {"type": "agent.evict", "sha256": sha256})
+    Placement.objects.filter(model_id=model_pk, sha256=sha256).delete()
+    release_staging(sha256)
+    logger.info("model %s: retired version %s from nodes %s", model_pk, sha256, holders)
+    return len(holders)
+
+
 def offer(placement_pk: int) -> bool:
     """Ask the node's consumer to stream the staged file to its agent."""
     placement = Placement.objects.select_related("model", "node").get(pk=placement_pk)
     model = placement.model
-    path = staging_path(model.sha256)
+    path = staging_path(placement.sha256)
     message = {
         "type": "agent.place",
         "placement_id": placement.pk,
         "model_id": model.model_id,
-        "sha256": model.sha256,
-        "size": model.size,
+        "sha256": placement.sha256,
+        "size": model.pending_size if placement.sha256 == model.pending_sha256 else model.size,
         "path": str(path),
     }
     if not path.exists():
@@ -149,16 +244,34 @@ def mark_failed(placement_pk: int, error: str) -> None:
     logger.warning("placement %s failed: %s", placement_pk, error)
 
 
+def mark_lost(placement_pk: int, reason: str) -> None:
+    updated = Placement.objects.filter(pk=placement_pk, status=Placement.Status.READY).update(status=Placement.Status.FAILED, error=reason)
+    if updated:
+        logger.warning("placement %s given up: %s", placement_pk, reason)
+
+
+def models_short_of_replicas() -> list[int]:
+    """Models with fewer ready replicas on online nodes than wanted and no transfer running."""
+    ready = Count(
+        "placements",
+        filter=Q(placements__status=Placement.Status.READY, placements__node__status=Node.Status.ONLINE, placements__sha256=F("sha256")),
+    )
+    active = Count("placements", filter=Q(placements__status__in=ACTIVE))
+    return list(
+        Model.objects.annotate(ready=ready, active=active).filter(ready__lt=F("replicas"), ready__gt=0, active=0).values_list("pk", flat=True)
+    )
+
+
 def report_ready(node_id: int, sha256: str) -> list[int]:
     """Mark a node's placements of this file ready; returns the affected model ids."""
-    placements = Placement.objects.filter(node_id=node_id, model__sha256=sha256).exclude(status=Placement.Status.READY)
+    placements = Placement.objects.filter(node_id=node_id, sha256=sha256).exclude(status=Placement.Status.READY)
     model_pks = list(placements.values_list("model_id", flat=True))
     placements.update(status=Placement.Status.READY, error="")
     return model_pks
 
 
 def report_failed(node_id: int, sha256: str, error: str) -> list[int]:
-    placements = Placement.objects.filter(node_id=node_id, model__sha256=sha256, status__in=ACTIVE)
+    placements = Placement.objects.filter(node_id=node_id, sha256=sha256, status__in=ACTIVE)
     model_pks = list(placements.values_list("model_id", flat=True))
     placements.update(status=Placement.Status.FAILED, error=error[:4000])
     for pk in model_pks:
@@ -173,18 +286,43 @@ def fail_node_transfers(node_id: int, reason: str) -> list[int]:
     return model_pks
 
 
+def models_with_file(sha256: str) -> list[int]:
+    return list(Model.objects.filter(Q(sha256=sha256) | Q(pending_sha256=sha256)).values_list("pk", flat=True))
+
+
+def _ready_elsewhere(model: Model, sha256: str, node_id: int) -> int:
+    return (
+        Placement.objects.filter(model=model, sha256=sha256, status=Placement.Status.READY, node__status=Node.Status.ONLINE)
+        .exclude(node_id=node_id)
+        .count()
+    )
+
+
 def reconcile(node_id: int, held: list[str]) -> tuple[list[str], list[int]]:
     """Compare the files an agent reports with its placements after a (re)connect.
 
-    Returns the hashes the agent should evict (no placement wants them) and the
-    ids of models whose ready placement on this node lost its file.
+    A replica that was given up while the node was away comes back when the
+    model is still short of its wanted replicas; otherwise the returning copy
+    is surplus. Returns the hashes the agent should evict (no placement wants
+    them) and the ids of models whose ready placement here lost its file.
     """
     placements = list(Placement.objects.filter(node_id=node_id).select_related("model"))
-    wanted = {p.model.sha256 for p in placements if p.status != Placement.Status.FAILED}
+    for placement in placements:
+        if (
+            placement.status == Placement.Status.FAILED
+            and placement.sha256 in held
+            and placement.sha256 in (placement.model.sha256, placement.model.pending_sha256)
+            and _ready_elsewhere(placement.model, placement.sha256, node_id) < placement.model.replicas
+        ):
+            placement.status = Placement.Status.READY
+            placement.error = ""
+            placement.save(update_fields=["status", "error", "updated"])
+            logger.info("model %s: node %s returned with its replica; reusing it", placement.model.model_id, node_id)
+    wanted = {p.sha256 for p in placements if p.status != Placement.Status.FAILED}
     evict = sorted(set(held) - wanted)
     lost = []
     for placement in placements:
-        if placement.status == Placement.Status.READY and placement.model.sha256 not in held:
+        if placement.status == Placement.Status.READY and placement.sha256 not in held:
             placement.status = Placement.Status.FAILED
             placement.error = "the node no longer holds the model file"
             placement.save(update_fields=["status", "error", "updated"])
