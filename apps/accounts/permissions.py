@@ -13,9 +13,12 @@ do not limit it; the user's own permissions still do.
 
 from __future__ import annotations
 
+from django.contrib.auth.models import AbstractBaseUser
+from django.http import HttpRequest
 from rest_framework.permissions import SAFE_METHODS, BasePermission
 from rest_framework.request import Request
 
+from apps.accounts.authentication import TokenError, bearer_token, user_for_token
 from apps.accounts.models import ApiToken
 from gridsite.errors import ApiError
 
@@ -36,6 +39,25 @@ def require_scope(token: ApiToken | None, scope: str) -> None:
         f"this API token ({token.prefix}…) lacks the {scope!r} scope (it has: {granted}); "
         f"create a token with it: manage.py createtoken USER --scopes {scope},...",
     )
+
+
+def authenticate_bearer(request: HttpRequest, scope: str) -> tuple[AbstractBaseUser, ApiToken]:
+    """Return the user and token of a plain view's request that has ``scope``.
+
+    For the async views outside DRF. Raises a 401 ApiError for a missing,
+    invalid, revoked or expired token and a 403 for a missing scope. Costs one
+    indexed query.
+    """
+    challenge = {"WWW-Authenticate": 'Bearer realm="grid"'}
+    plain = bearer_token(request.headers.get("Authorization"))
+    if plain is None:
+        raise ApiError(401, "unauthenticated", "send an API token in the header 'Authorization: Bearer <token>'", headers=challenge)
+    try:
+        user, token = user_for_token(plain)
+    except TokenError as exc:
+        raise ApiError(401, "unauthenticated", exc.message, headers=challenge) from None
+    require_scope(token, scope)
+    return user, token
 
 
 class TokenScope(BasePermission):

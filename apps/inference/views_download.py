@@ -17,8 +17,7 @@ from pathlib import Path
 from channels.db import database_sync_to_async
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 
-from apps.accounts.authentication import TokenError, bearer_token, user_for_token
-from apps.accounts.permissions import READ, require_scope
+from apps.accounts.permissions import READ, authenticate_bearer
 from apps.inference.models import Model
 from apps.inference.services import dispatch, placement, relay
 from gridsite.errors import ApiError, method_not_allowed
@@ -31,14 +30,7 @@ STALL_SECONDS = 30.0
 
 
 def _authorize(request: HttpRequest, model_id: str) -> Model:
-    plain = bearer_token(request.headers.get("Authorization"))
-    if plain is None:
-        raise ApiError(401, "unauthenticated", "send an API token in the header 'Authorization: Bearer <token>'")
-    try:
-        _, token = user_for_token(plain)
-    except TokenError as exc:
-        raise ApiError(401, "unauthenticated", exc.message) from None
-    require_scope(token, READ)
+    authenticate_bearer(request, READ)
     model = Model.objects.filter(model_id=model_id).first()
     if model is None:
         raise ApiError(404, "not_found", f"model {model_id!r} not found; GET /api/models/ lists the served models")

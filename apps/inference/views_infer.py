@@ -18,8 +18,7 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from apps.accounts.authentication import TokenError, bearer_token, user_for_token
-from apps.accounts.permissions import INFER, require_scope
+from apps.accounts.permissions import INFER, authenticate_bearer
 from apps.accounts.throttling import check_infer_rate
 from apps.inference.mailbox import mailbox
 from apps.inference import idempotency, verify
@@ -49,14 +48,7 @@ def _node_name(node_id: int | None) -> str:
 
 
 def _authorize(request: HttpRequest, model_id: str):
-    plain = bearer_token(request.headers.get("Authorization"))
-    if plain is None:
-        raise ApiError(401, "unauthenticated", "send an API token in the header 'Authorization: Bearer <token>'", headers={"WWW-Authenticate": 'Bearer realm="grid"'})
-    try:
-        user, token = user_for_token(plain)
-    except TokenError as exc:
-        raise ApiError(401, "unauthenticated", exc.message, headers={"WWW-Authenticate": 'Bearer realm="grid"'}) from None
-    require_scope(token, INFER)
+    user, token = authenticate_bearer(request, INFER)
     check_infer_rate(token)
     model = Model.objects.filter(model_id=model_id).first()
     if model is None:

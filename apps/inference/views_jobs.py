@@ -15,8 +15,7 @@ from channels.db import database_sync_to_async
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from apps.accounts.authentication import TokenError, bearer_token, user_for_token
-from apps.accounts.permissions import READ, require_scope
+from apps.accounts.permissions import READ, authenticate_bearer
 from apps.inference import idempotency, payloads
 from apps.inference.models import InferenceJob
 from apps.inference.services import dispatch
@@ -95,14 +94,7 @@ async def _accepted(job_id: str, *, replay: bool) -> HttpResponse:
 def _owned_job(request: HttpRequest, job_id: str) -> InferenceJob:
     if request.method not in ("GET", "HEAD"):
         raise method_not_allowed(request, "GET")
-    plain = bearer_token(request.headers.get("Authorization"))
-    if plain is None:
-        raise ApiError(401, "unauthenticated", "send an API token in the header 'Authorization: Bearer <token>'")
-    try:
-        user, token = user_for_token(plain)
-    except TokenError as exc:
-        raise ApiError(401, "unauthenticated", exc.message) from None
-    require_scope(token, READ)
+    user, _ = authenticate_bearer(request, READ)
     job = InferenceJob.objects.select_related("model").filter(pk=job_id).first()
     if job is None or (job.owner_id != user.pk and not user.is_staff):
         raise ApiError(404, "not_found", f"job {job_id} not found; jobs are visible to the user who submitted them")
