@@ -78,6 +78,13 @@ def test_lost_replica_recreated(network):
     network.start_agent(victim)
     network.wait_online(3)
 
+    # The returning node's copy is surplus now: reconciliation evicts it.
+    stale = network.data_root / victim / "models" / f"{info['sha256']}.pt2"
+    wait_for(lambda: not stale.exists(), 20, "the returning node to evict its surplus copy")
+    after = model_json(network, "heal-me")
+    assert victim not in ready_nodes(after)
+    assert len(ready_nodes(after)) == 2
+
 
 def test_download_relays_from_replica(network):
     info = model_json(network, "heal-me")
