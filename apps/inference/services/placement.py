@@ -17,7 +17,8 @@ from typing import IO
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Count, F, Q
+from django.db.models import Case, Count, Exists, F, OuterRef, Q, When
+from django.utils import timezone
 
 from apps.inference.delivery import send_to_node_sync
 from apps.inference.models import Model, Placement
@@ -94,6 +95,13 @@ def _summary(placements: list[Placement]) -> str:
     return "; ".join(failures)
 
 
+def in_grace(node: Node) -> bool:
+    """Whether a node that is not online left less than REPLICA_GRACE seconds ago."""
+    if node.status == Node.Status.ONLINE or node.status_changed is None:
+        return False
+    return (timezone.now() - node.status_changed).total_seconds() < settings.GRID["REPLICA_GRACE"]
+
+
 def fits(model: Model, node: Node) -> bool:
     """Whether a node meets the model's device and memory constraints."""
     capabilities = node.capabilities or {}
@@ -114,8 +122,11 @@ def advance(model_pk: int) -> list[int]:
         target = model.pending_sha256 or model.sha256
         placements = list(model.placements.filter(sha256=target).select_related("node"))
         ready = [p for p in placements if p.status == Placement.Status.READY and p.node.status == Node.Status.ONLINE]
+        # A replica whose node went away less than REPLICA_GRACE ago still
+        # counts, so a short blip causes no new transfer.
+        away = [p for p in placements if p.status == Placement.Status.READY and p not in ready and in_grace(p.node)]
         active = [p for p in placements if p.status in ACTIVE]
-        needed = model.replicas - len(ready) - len(active)
+        needed = model.replicas - len(ready) - len(away) - len(active)
         new: list[Placement] = []
         relay_from = None
         if needed > 0:
@@ -252,13 +263,33 @@ def mark_lost(placement_pk: int, reason: str) -> None:
 
 def models_short_of_replicas() -> list[int]:
     """Models with fewer ready replicas on online nodes than wanted and no transfer running."""
+    # Replicas on nodes away for less than REPLICA_GRACE still count.
+    recent = timezone.now() - timezone.timedelta(seconds=settings.GRID["REPLICA_GRACE"])
     ready = Count(
         "placements",
-        filter=Q(placements__status=Placement.Status.READY, placements__node__status=Node.Status.ONLINE, placements__sha256=F("sha256")),
+        filter=Q(placements__status=Placement.Status.READY, placements__sha256=F("sha256"))
+        & (Q(placements__node__status=Node.Status.ONLINE) | Q(placements__node__status_changed__gte=recent)),
     )
     active = Count("placements", filter=Q(placements__status__in=ACTIVE))
     return list(
         Model.objects.annotate(ready=ready, active=active).filter(ready__lt=F("replicas"), ready__gt=0, active=0).values_list("pk", flat=True)
+    )
+
+
+def models_never_placed(*, created_before) -> list[int]:
+    """Models created before ``created_before`` with no placement of the version they should serve.
+
+    ``advance`` records a placement error whenever it ends short, so a model
+    listed here has neither placements nor a recorded error: its placement
+    task never ran to the end. One query.
+    """
+    target = Case(When(~Q(pending_sha256=""), then=F("pending_sha256")), default=F("sha256"))
+    placed = Placement.objects.filter(model=OuterRef("pk"), sha256=OuterRef("target"))
+    return list(
+        Model.objects.filter(created__lt=created_before, placement_error="")
+        .annotate(target=target)
+        .exclude(Exists(placed))
+        .values_list("pk", flat=True)
     )
 
 
