@@ -149,6 +149,7 @@ def up(args: argparse.Namespace) -> int:
 
         manager = Manager()
         manager.add_process("gateway", _shell(gateway_command(args.port, env, host=args.host)), env=env, cwd=str(ROOT))
+        data_dir.mkdir(parents=True, exist_ok=True)
         for name, command in celery_commands(data_dir / "celerybeat-schedule").items():
             manager.add_process(name, _shell(command), env=env, cwd=str(ROOT))
         url = f"http://{'127.0.0.1' if args.host in {'0.0.0.0', '::'} else args.host}:{args.port}"

@@ -102,7 +102,7 @@ class ModelUploadSerializer(serializers.Serializer):
     allow_download = serializers.BooleanField(default=False)
     replicas = serializers.IntegerField(default=1, min_value=1, max_value=64)
     device = serializers.RegexField(r"^[a-z0-9:_-]{0,20}$", required=False, default="", allow_blank=True, help_text="Place only on nodes with this device, such as cpu or cuda; blank for any.")
-    min_memory_bytes = serializers.IntegerField(required=False, default=0, min_value=0, help_text="Place only on nodes reporting at least this much memory.")
+    min_memory_bytes = serializers.IntegerField(required=False, default=0, min_value=0, max_value=2**63 - 1, help_text="Place only on nodes reporting at least this much memory.")
     input_signature = serializers.CharField(help_text='JSON list such as [{"name": "input", "dtype": "float32", "shape": [null, 1, 8, 8]}].')
 
 

@@ -141,10 +141,17 @@ def advance(model_pk: int) -> list[int]:
             ][:needed]
             if staging_path(target).exists():
                 new = [Placement.objects.create(model=model, node=node, sha256=target) for node in candidates]
-            elif candidates and ready:
-                # The upload is gone: copy the bytes back from a surviving replica,
-                # and the relay's end calls advance again.
-                relay_from = ready[0].node_id
+            else:
+                # The upload is gone: copy the bytes back from a surviving replica
+                # (a draining node still has its file), and the relay's end calls
+                # advance again.
+                sources = [
+                    p
+                    for p in placements
+                    if p.status == Placement.Status.READY and p.node.status in (Node.Status.ONLINE, Node.Status.DRAINING)
+                ]
+                if candidates and sources:
+                    relay_from = sources[0].node_id
         if relay_from is not None:
             sha256, source = target, relay_from
             transaction.on_commit(lambda: _request_relay(sha256, source))

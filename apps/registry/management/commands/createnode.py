@@ -17,6 +17,10 @@ class Command(BaseCommand):
             if not options["rotate"]:
                 raise CommandError(f"node {name!r} exists; pass --rotate to replace its token")
             plain = node.rotate_token()
+            # An agent still connected with the old token must not stay on.
+            from apps.inference.delivery import send_to_node_sync
+
+            send_to_node_sync(node.pk, {"type": "agent.disconnect", "reason": "the node's token was rotated"})
         else:
             if not 1 <= len(name) <= 100:
                 raise CommandError("node name must be 1 to 100 characters")
