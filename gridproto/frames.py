@@ -40,6 +40,8 @@ def decode_frame(frame: bytes) -> tuple[dict[str, Any], memoryview]:
         header = json.loads(bytes(frame[_LENGTH.size : end]))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FrameError(f"frame header is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise FrameError("frame header is JSON nested too deeply to parse") from None
     if not isinstance(header, dict) or not isinstance(header.get("type"), str):
         raise FrameError("frame header must be a JSON object with a string 'type'")
     return header, memoryview(frame)[end:]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -59,12 +60,25 @@ def _relative(name: str) -> tuple[str, str]:
     return root, rest
 
 
+# Exceptions zipfile raises for an entry it cannot read: a bad CRC or local
+# header, a corrupt deflate stream, a truncated file, encryption, an unknown method.
+_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError, OSError)
+
+
+def _read_entry(archive: zipfile.ZipFile, name: str | zipfile.ZipInfo) -> bytes:
+    try:
+        return archive.read(name)
+    except _READ_ERRORS as exc:
+        filename = name.filename if isinstance(name, zipfile.ZipInfo) else name
+        raise ArchiveError(f"{filename} cannot be read ({exc}); {NOT_A_PROGRAM}") from None
+
+
 def _read_json(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Any:
     if info.file_size > MAX_JSON_BYTES:
         raise ArchiveError(f"{info.filename} is {info.file_size} bytes, over the {MAX_JSON_BYTES}-byte limit for metadata")
     try:
-        return json.loads(archive.read(info))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        return json.loads(_read_entry(archive, info))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise ArchiveError(f"{info.filename} is not valid JSON; {NOT_A_PROGRAM}") from None
 
 
@@ -121,7 +135,7 @@ def check_archive(file: str | IO[bytes], *, max_unpacked_bytes: int) -> ArchiveI
         if [_relative(m.filename)[1] for m in models] != ["models/model.json"]:
             raise ArchiveError(f"the archive must hold exactly one program, models/model.json; {NOT_A_PROGRAM}")
         try:
-            if archive.read(f"{root}/archive_format").strip() != b"pt2":
+            if _read_entry(archive, f"{root}/archive_format").strip() != b"pt2":
                 raise ArchiveError(f"archive_format is not 'pt2'; {NOT_A_PROGRAM}")
         except KeyError:
             raise ArchiveError(f"archive_format is missing; {NOT_A_PROGRAM}") from None

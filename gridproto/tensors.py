@@ -57,7 +57,7 @@ def read_tensor_infos(data: bytes | memoryview, *, total_size: int | None = None
         raise TensorFormatError(f"body is not safetensors: header length {length} does not fit the {len(view)}-byte body")
     try:
         header = json.loads(bytes(view[8 : 8 + length]))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise TensorFormatError("body is not safetensors: its header is not valid JSON") from None
     if not isinstance(header, dict):
         raise TensorFormatError("body is not safetensors: its header is not a JSON object")
@@ -70,7 +70,7 @@ def read_tensor_infos(data: bytes | memoryview, *, total_size: int | None = None
         if not isinstance(entry, dict):
             raise TensorFormatError(f"tensor {name!r} has a malformed header entry")
         code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if code not in DTYPES:
+        if not isinstance(code, str) or code not in DTYPES:
             raise TensorFormatError(f"tensor {name!r} has unsupported dtype {code!r}; use one of {', '.join(DTYPES.values())}")
         if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
             raise TensorFormatError(f"tensor {name!r} has an invalid shape {shape!r}")

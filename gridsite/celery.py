@@ -19,7 +19,9 @@ def schedule_sweeps(sender, **kwargs):
     interval = settings.GRID["HEARTBEAT_INTERVAL"]
     sender.add_periodic_task(interval, sender.signature("apps.inference.tasks.sweep_nodes"), name="sweep nodes")
     sender.add_periodic_task(max(1.0, interval), sender.signature("apps.inference.tasks.sweep_jobs"), name="sweep jobs")
-    sender.add_periodic_task(30.0, sender.signature("apps.inference.tasks.sweep_placements"), name="sweep placements")
+    # At least twice per PLACEMENT_TIMEOUT, so a stuck transfer fails close to its timeout.
+    placements = min(30.0, max(1.0, settings.GRID["PLACEMENT_TIMEOUT"] / 2))
+    sender.add_periodic_task(placements, sender.signature("apps.inference.tasks.sweep_placements"), name="sweep placements")
     sender.add_periodic_task(5.0, sender.signature("apps.inference.tasks.heal_replicas"), name="heal replicas")
 
 

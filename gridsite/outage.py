@@ -1,11 +1,19 @@
-"""Answer 503, naming the service, when PostgreSQL or Redis is unreachable.
+"""Return a 503 that names the service when PostgreSQL or Redis is unreachable.
 
 Without this middleware a request that reaches a view while either server is
-down ends in a 500 that says only that the gateway failed. A 503 with
+down ends in a 500 that reports only that the gateway failed. A 503 with
 Retry-After and the code ``database_unavailable`` or ``redis_unavailable``
-tells a client to retry and an operator where to look. Nothing here retries:
-the psycopg pool and the Redis clients reconnect on their own once the server
-is back.
+tells a client to retry and an operator where to look. Nothing here retries
+the request, because the psycopg pool and the Redis clients reconnect on their
+own once the server is back.
+
+After a database error the idle connections of the psycopg pool are
+tested and the dead ones dropped. PostgreSQL kills every connection when it
+restarts, and the pool lends a dead one without testing it, so without this
+each pooled connection would fail one more request after the server is back.
+(Django's CONN_HEALTH_CHECKS tests each connection before lending it instead,
+but psycopg_pool 3.3 sleeps 1, 2, 4... seconds between failed tests, so a
+full pool of dead connections outlasts the pool's 10 s timeout.)
 
 Only errors raised by a view reach ``process_exception``, for the async
 inference view too. An error raised by another middleware, such as the
@@ -15,18 +23,19 @@ session middleware, still ends in a 500.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import redis.exceptions
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
-from django.db import InterfaceError, OperationalError
+from django.db import DEFAULT_DB_ALIAS, InterfaceError, OperationalError, connections
 from django.http import HttpRequest, HttpResponse
 
 from gridsite.errors import ApiError, is_api
 
 logger = logging.getLogger(__name__)
 
-# Seconds a client should wait before it retries; a restart usually takes a few.
+# Seconds a client should wait before it retries.
 RETRY_AFTER = 5
 # Seconds between log lines about one service, so an outage under load does
 # not write one line per request.
@@ -61,7 +70,7 @@ class _LogLimiter:
         skipped = self._suppressed.pop(service, 0)
         self._last[service] = now
         logger.warning(
-            "%s is unreachable; %s %s answered 503 (%d more such requests since the last line): %s",
+            "%s is unreachable, so %s %s returned 503 (%d more such requests since the last line): %s",
             _OUTAGES[service][1],
             request.method,
             request.path,
@@ -71,6 +80,32 @@ class _LogLimiter:
 
 
 _limiter = _LogLimiter()
+
+# Seconds between two tests of the pool's idle connections in one process.
+PURGE_INTERVAL = 1.0
+_last_purge = float("-inf")
+_purge_lock = threading.Lock()
+
+
+def drop_dead_connections() -> None:
+    """Test the pool's idle connections and replace the dead ones.
+
+    Costs one empty query per idle connection, at most once per
+    PURGE_INTERVAL. Does nothing when GRID_DB_POOL is off.
+    """
+    global _last_purge
+    with _purge_lock:
+        now = time.monotonic()
+        if now - _last_purge < PURGE_INTERVAL:
+            return
+        _last_purge = now
+    pool = connections[DEFAULT_DB_ALIAS].pool
+    if pool is None:
+        return
+    try:
+        pool.check()
+    except Exception:
+        logger.exception("testing the idle database connections failed")
 
 
 def outage_response(request: HttpRequest, service: str) -> HttpResponse:
@@ -111,4 +146,6 @@ class ServiceOutage:
         if service is None:
             return None
         _limiter.log(service, request, exception)
+        if service == "database":
+            drop_dead_connections()
         return outage_response(request, service)

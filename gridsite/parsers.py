@@ -12,6 +12,7 @@ import io
 from typing import Any
 
 from django.conf import settings
+from rest_framework.exceptions import ParseError
 from rest_framework.parsers import FormParser, JSONParser
 
 from gridsite.errors import ApiError
@@ -42,7 +43,11 @@ class _BoundedBody:
             if len(body) > limit:
                 raise _too_large(f"over {limit}")
             stream = io.BytesIO(body)
-        return super().parse(stream, media_type, parser_context)
+        try:
+            return super().parse(stream, media_type, parser_context)
+        except RecursionError:
+            # DRF turns only ValueError into a 400; deep nesting would be a 500.
+            raise ParseError("the JSON is nested too deeply") from None
 
 
 class BoundedJSONParser(_BoundedBody, JSONParser):

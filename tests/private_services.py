@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,7 @@ class PrivateRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        """Start the server, on the same port as before, and wait until it answers PING."""
+        """Start the server, on the same port as before, and wait until it replies to PING."""
         self.directory.mkdir(parents=True, exist_ok=True)
         command = [
             shutil.which("redis-server") or "redis-server",
@@ -62,11 +63,14 @@ class PrivateRedis:
             "--daemonize", "no",
             "--logfile", str(self.directory / "redis.log"),
         ]
-        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
-        _wait_until(self.answers, f"Redis on port {self.port} answering PING")
+        # No inherited stdout: a server left running must not hold a caller's pipe open.
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        _wait_until(self.is_up, f"Redis on port {self.port} replying to PING")
         logger.info("private Redis started on port %s (pid %s)", self.port, self.process.pid)
 
-    def answers(self) -> bool:
+    def is_up(self) -> bool:
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5, socket_timeout=0.5)
         try:
             return bool(client.ping())
@@ -114,11 +118,13 @@ def _as_postgres(command: list[str]) -> list[str]:
 class PrivatePostgres:
     """A PostgreSQL cluster of its own, with trust authentication, on a free loopback port.
 
-    The socket goes in the cluster's folder, so it never collides with the
-    machine's server.
+    Its files and its Unix socket go in a new folder under the system's
+    temporary directory, owned by the postgres user when this process is
+    root: pytest's own folders are private to root, so the server could not
+    enter them. ``remove`` stops the server and deletes the folder.
     """
 
-    directory: Path
+    directory: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="grid-pg-")))
     port: int = field(default_factory=free_port)
 
     @property
@@ -129,21 +135,20 @@ class PrivatePostgres:
         return f"postgres://postgres@127.0.0.1:{self.port}/{database}"
 
     def init(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
             shutil.chown(self.directory, "postgres", "postgres")
         command = [_postgres_bin("initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "--no-sync"]
-        subprocess.run(_as_postgres(command), check=True, capture_output=True, timeout=120)
+        _run(_as_postgres(command))
 
     def start(self) -> None:
         """Start the cluster and wait until it accepts connections."""
         options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off"
-        command = [_postgres_bin("pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.directory / "postgres.log"), "-w", "start"]
-        subprocess.run(_as_postgres(command), check=True, capture_output=True, timeout=120)
-        _wait_until(self.answers, f"PostgreSQL on port {self.port} accepting connections")
+        log = str(self.directory / "postgres.log")
+        _run(_as_postgres([_postgres_bin("pg_ctl"), "-D", str(self.data), "-o", options, "-l", log, "-w", "start"]))
+        _wait_until(self.is_up, f"PostgreSQL on port {self.port} accepting connections")
         logger.info("private PostgreSQL started on port %s", self.port)
 
-    def answers(self) -> bool:
+    def is_up(self) -> bool:
         try:
             with psycopg.connect(self.url("postgres"), connect_timeout=1) as conn:
                 conn.execute("SELECT 1")
@@ -155,3 +160,13 @@ class PrivatePostgres:
         """Stop the cluster; ``immediate`` ends it without a clean shutdown, as a crash would."""
         command = [_postgres_bin("pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"]
         subprocess.run(_as_postgres(command), check=False, capture_output=True, timeout=120)
+
+    def remove(self) -> None:
+        self.stop("immediate")
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _run(command: list[str]) -> None:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{command[-1]} failed with code {result.returncode}: {result.stderr[-2000:]}")

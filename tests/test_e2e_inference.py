@@ -14,6 +14,7 @@ import torch
 
 from demo.digits import DigitsCNN
 from tests.e2e import start_network, stop_network
+from tests.faults import db_now, settled_ledger
 
 pytestmark = pytest.mark.e2e
 
@@ -108,6 +109,7 @@ def test_kill_replica_under_load(network, served):
         victim = sorted(p.node_name for p in gateway.search_model("digits-e2e"))[0]
     outcomes: list[tuple[int, bool, str]] = []
     lock = threading.Lock()
+    since = db_now(network)
 
     def one(index: int) -> None:
         with network.client() as gateway:
@@ -130,8 +132,13 @@ def test_kill_replica_under_load(network, served):
             future.result()
 
     failures = [o for o in outcomes if not o[1]]
+    # Every job the gateway accepted ended, with a reason when it failed.
+    ledger = settled_ledger(network, since)
     assert len(outcomes) == 200
     assert failures == []
+    assert ledger.open == 0
+    assert ledger.unexplained == []
+    assert ledger.statuses["succeeded"] == 200
     with network.client() as gateway:
         status = {n["name"]: n["status"] for n in gateway.connected_nodes()}
     assert status[victim] == "offline"

@@ -5,6 +5,7 @@ Tasks take ids, never wait for an agent, and never wait for another task.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 
@@ -13,6 +14,7 @@ from celery import shared_task
 from django.conf import settings
 from django.utils import timezone
 
+from apps.inference.delivery import send_to_node_sync
 from apps.inference.models import InferenceJob, Placement
 from apps.inference.services import dispatch, placement
 from apps.registry import history
@@ -45,24 +47,41 @@ def sweep_nodes() -> dict[str, int]:
     """
     flushed = registry.flush_heartbeats()
     now = time.time()
+    started = timezone.now()
     history.record_samples(now)
     stale = registry.stale_node_ids(now)
+    taken = []
     for node_id in stale:
         try:
-            node_lost(node_id, "heartbeats stopped and no gateway process holds its socket")
+            # A live consumer owns its node's liveness: it checks its own
+            # heartbeat clock and closes the socket if the agent is silent.
+            # Marking the node offline behind its back would leave a resumed
+            # agent heartbeating on a socket whose node shows offline.
+            if send_to_node_sync(node_id, {"type": "agent.heartbeat_check"}):
+                continue
+            # A node whose agent reconnects during this sweep stays online.
+            if node_lost(node_id, "heartbeats stopped and no gateway process holds its socket", connected_before=started):
+                taken.append(node_id)
         except Exception:
             logger.exception("sweep could not take node %s offline; retrying next sweep", node_id)
-    if stale:
-        logger.warning("sweep took %s stale nodes offline: %s", len(stale), stale)
-    return {"flushed": flushed, "stale": len(stale)}
+    if taken:
+        logger.warning("sweep took %s stale nodes offline: %s", len(taken), taken)
+    return {"flushed": flushed, "stale": len(taken)}
 
 
-def node_lost(node_id: int, reason: str) -> None:
-    """Take a node offline, fail its jobs over and re-place its transfers."""
-    registry.mark_offline(node_id, reason)
+def node_lost(node_id: int, reason: str, *, connected_before: dt.datetime | None = None) -> bool:
+    """Take a node offline, fail its jobs over and re-place its transfers.
+
+    With ``connected_before``, does nothing and returns False when the node
+    is offline already or its agent connected at or after that moment.
+    """
+    changed = registry.mark_offline(node_id, reason, connected_before=connected_before)
+    if connected_before is not None and not changed:
+        return False
     async_to_sync(dispatch.fail_over_node)(node_id, reason)
     for model_pk in set(placement.fail_node_transfers(node_id, f"node went offline: {reason}")):
         advance_placement.delay(model_pk)
+    return True
 
 
 @shared_task
@@ -107,10 +126,19 @@ def heal_replicas() -> int:
 
 @shared_task
 def sweep_placements() -> int:
-    """Fail transfers that have run past PLACEMENT_TIMEOUT, then re-place them."""
+    """Fail transfers that have run past PLACEMENT_TIMEOUT, then re-place them.
+
+    Also starts the placement of models that have none for the version they
+    should serve: their placement task was lost, for example with a worker
+    that died while running it (tasks are acknowledged when they start).
+    """
     limit = timezone.now() - timezone.timedelta(seconds=settings.GRID["PLACEMENT_TIMEOUT"])
     stuck = list(Placement.objects.filter(status__in=placement.ACTIVE, updated__lt=limit).values_list("pk", "model_id"))
     for placement_pk, model_pk in stuck:
         placement.mark_failed(placement_pk, f"transfer did not finish within {settings.GRID['PLACEMENT_TIMEOUT']} s")
         advance_placement.delay(model_pk)
-    return len(stuck)
+    unplaced = placement.models_never_placed(created_before=limit)
+    for model_pk in unplaced:
+        logger.warning("model %s has no placement %s s after its upload; starting its placement again", model_pk, settings.GRID["PLACEMENT_TIMEOUT"])
+        advance_placement.delay(model_pk)
+    return len(stuck) + len(unplaced)

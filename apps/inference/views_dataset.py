@@ -52,7 +52,7 @@ def parse_request(request: HttpRequest) -> DatasetRequest:
         raise ApiError(413, "payload_too_large", f"the request body is over {MAX_BODY_BYTES} bytes; send only {EXAMPLE}", "body")
     try:
         body: Any = json.loads(request.body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise ApiError(400, "invalid_input", f"the body is not valid JSON; send an object such as {EXAMPLE}", "body") from None
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_input", f"the body must be a JSON object such as {EXAMPLE}", "body")

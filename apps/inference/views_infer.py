@@ -248,8 +248,23 @@ async def _await_existing(job_id: str, deadline: float) -> dispatch.Outcome:
         await asyncio.sleep(0.05)
 
 
+def _finished_message(job_id: str) -> dict | None:
+    """Return a finished job's outcome from its row, shaped like a ``job.done`` message.
+
+    The pub/sub layer drops a ``job.done`` sent while Redis restarts, so a
+    waiter that heard nothing reads the row. The output, if any, is in Redis.
+    """
+    done = (InferenceJob.Status.SUCCEEDED, InferenceJob.Status.FAILED)
+    row = InferenceJob.objects.filter(pk=job_id, status__in=done).values("status", "error_code", "error", "node_id", "attempts").first()
+    return None if row is None else {**row, "output": None}
+
+
 async def _wait(job_id: str, future: asyncio.Future, deadline: float) -> dict:
-    """Wait for the job's outcome, failing it over when an attempt stalls."""
+    """Wait for the job's outcome, failing it over when an attempt stalls.
+
+    Every ATTEMPT_TIMEOUT without a message, the job's row is read too, so a
+    lost ``job.done`` costs at most that long.
+    """
     attempt_timeout = settings.GRID["ATTEMPT_TIMEOUT"]
     while True:
         remaining = deadline - time.monotonic()
@@ -259,10 +274,17 @@ async def _wait(job_id: str, future: asyncio.Future, deadline: float) -> dict:
             return await asyncio.wait_for(asyncio.shield(future), timeout=min(remaining, attempt_timeout))
         except TimeoutError:
             await dispatch.fail_over_if_stalled(job_id)
+            finished = await database_sync_to_async(_finished_message)(job_id)
+            if finished is not None:
+                logger.warning("job %s ended (%s) but its job.done message never arrived; returning the outcome from its row", job_id, finished["status"])
+                return finished
     await dispatch.fail_job(job_id, code="timeout", message="no node answered before the request's timeout")
     try:
         # Either the timeout notice or an answer that won the race is on its way.
         return await asyncio.wait_for(future, timeout=1.0)
     except TimeoutError:
         pass
+    finished = await database_sync_to_async(_finished_message)(job_id)
+    if finished is not None:
+        return finished
     return {"status": "failed", "error_code": "timeout", "error": "no node answered before the request's timeout", "node_id": None, "attempts": 0, "output": None}

@@ -186,7 +186,11 @@ class AgentConsumer(AsyncWebsocketConsumer):
 
     async def _on_heartbeat(self, message: dict[str, Any]) -> None:
         metrics.observe_heartbeat(message.get("sent_at"), time.time())
-        await presence.record_heartbeat(self.node_id, message["in_flight"])
+        if self.lost:
+            # A superseded socket must not register itself again.
+            return
+        if await presence.record_live_heartbeat(self.node_id, self.channel_name, message["in_flight"]):
+            logger.warning("node %s: its presence key was missing from Redis (restarted?); registered this socket again", self.node_id)
 
     async def _on_model_ready(self, message: dict[str, Any]) -> None:
         logger.info("node %s loaded model %s", self.node_id, message["sha256"])
@@ -285,6 +289,15 @@ class AgentConsumer(AsyncWebsocketConsumer):
         await asyncio.to_thread(relay.relay_failed, message["sha256"], f"node {self.node_id}: {message['error']}")
 
     # Channels layer -> agent.
+
+    async def agent_heartbeat_check(self, event: dict[str, Any]) -> None:
+        """Close a silent agent now when the periodic sweep finds its heartbeats stale."""
+        limit = settings.GRID["HEARTBEAT_INTERVAL"] * settings.GRID["HEARTBEAT_MISSES"]
+        silent = time.monotonic() - self.last_seen
+        if self.greeted and silent > limit:
+            logger.warning("node %s: no heartbeat for %.1f s at the sweep; closing and marking offline", self.node_id, silent)
+            await self._node_lost(f"no heartbeat for {silent:.1f} s")
+            await self._close_safely(CLOSE_HEARTBEAT)
 
     async def agent_upload(self, event: dict[str, Any]) -> None:
         await self._send_json({"type": "model.upload", "sha256": event["sha256"]})

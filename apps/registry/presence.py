@@ -58,6 +58,21 @@ async def record_heartbeat(node_id: int, in_flight: int, at: float | None = None
     await async_client().hset(_heartbeats_key(), str(node_id), f"{stamp:.3f}:{in_flight}")
 
 
+async def record_live_heartbeat(node_id: int, channel: str, in_flight: int) -> bool:
+    """Record a heartbeat and register ``channel`` again if no socket is registered.
+
+    Redis keeps no data across a restart, so after one the presence key of a
+    node whose socket stayed open is gone, and no process could reach the
+    node. SET NX restores it without taking the key from a newer socket.
+    One round trip; returns True when the key had to be restored.
+    """
+    async with async_client().pipeline(transaction=False) as pipe:
+        pipe.hset(_heartbeats_key(), str(node_id), f"{time.time():.3f}:{in_flight}")
+        pipe.set(_presence_key(node_id), channel, nx=True)
+        _, restored = await pipe.execute()
+    return bool(restored)
+
+
 def read_heartbeats() -> dict[int, tuple[float, int]]:
     """Return node id -> (last heartbeat as a Unix time, in-flight requests)."""
     beats: dict[int, tuple[float, int]] = {}

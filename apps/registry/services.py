@@ -61,14 +61,17 @@ def _clean_capabilities(raw: dict[str, Any]) -> dict[str, Any]:
     return clean
 
 
-def mark_offline(node_id: int, reason: str) -> bool:
-    """Mark a node offline; True when it was online or draining before."""
+def mark_offline(node_id: int, reason: str, *, connected_before: dt.datetime | None = None) -> bool:
+    """Mark a node offline; True when it was online or draining before.
+
+    With ``connected_before``, a node whose agent connected at or after that
+    moment is left alone: a sweep that found it silent raced its reconnect.
+    """
     now = timezone.now()
-    changed = (
-        Node.objects.filter(pk=node_id)
-        .exclude(status=Node.Status.OFFLINE)
-        .update(status=Node.Status.OFFLINE, in_flight=0, status_changed=now)
-    )
+    nodes = Node.objects.filter(pk=node_id).exclude(status=Node.Status.OFFLINE)
+    if connected_before is not None:
+        nodes = nodes.exclude(connected_since__gte=connected_before)
+    changed = nodes.update(status=Node.Status.OFFLINE, in_flight=0, status_changed=now)
     if changed:
         transaction.on_commit(partial(events.publish_node_status, node_id, Node.Status.OFFLINE.value))
         logger.info("node %s offline: %s", node_id, reason)
@@ -100,9 +103,12 @@ def stale_node_ids(now: float) -> list[int]:
     limit = offline_after()
     stale = []
     for node in Node.objects.exclude(status=Node.Status.OFFLINE).only("pk", "connected_since"):
-        last = beats.get(node.pk, (None, 0))[0]
-        if last is None and node.connected_since is not None:
-            last = node.connected_since.timestamp()
+        # The heartbeats were read before the nodes: an agent that reconnected
+        # in between has an old heartbeat but a new connection time.
+        seen = [beats.get(node.pk, (None, 0))[0]]
+        if node.connected_since is not None:
+            seen.append(node.connected_since.timestamp())
+        last = max((stamp for stamp in seen if stamp is not None), default=None)
         if last is None or now - last > limit:
             stale.append(node.pk)
     return stale
