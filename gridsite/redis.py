@@ -18,6 +18,10 @@ _sync_client: redis.Redis | None = None
 
 def async_client() -> aioredis.Redis:
     loop = asyncio.get_running_loop()
+    # async_to_sync in Celery tasks runs each call on a new loop: drop the
+    # clients of loops that have closed, or their connections pile up in Redis.
+    for stale in [other for other in _async_clients if other.is_closed()]:
+        del _async_clients[stale]
     client = _async_clients.get(loop)
     if client is None:
         client = aioredis.Redis.from_url(settings.REDIS_URL, health_check_interval=30)

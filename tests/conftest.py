@@ -22,3 +22,12 @@ def isolated_redis_prefix():
     prefix = f"gridtest{os.getpid()}{uuid.uuid4().hex[:6]}"
     settings.CHANNEL_LAYERS["default"]["CONFIG"]["prefix"] = prefix
     yield prefix
+
+
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix):
+    """Name the test database after this run's process, so concurrent runs on one PostgreSQL never collide."""
+    if settings is None:
+        return
+    test_settings = settings.DATABASES["default"].setdefault("TEST", {})
+    test_settings["NAME"] = f"test_{settings.DATABASES['default']['NAME']}_{os.getpid()}"

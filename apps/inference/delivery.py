@@ -11,11 +11,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 
 from apps.registry import presence
-from gridsite.redis import async_client
+from gridsite.redis import async_client, sync_client
 
 logger = logging.getLogger(__name__)
 
@@ -39,4 +38,13 @@ async def send_to_node(node_id: int, message: dict[str, Any]) -> bool:
     return delivered
 
 
-send_to_node_sync = async_to_sync(send_to_node)
+def send_to_node_sync(node_id: int, message: dict[str, Any]) -> bool:
+    """Like send_to_node, for sync code such as Celery tasks, without an event loop."""
+    channel = presence.presence_of_sync(node_id)
+    if channel is None:
+        logger.info("node %s has no connected socket; %s not delivered", node_id, message.get("type"))
+        return False
+    delivered = sync_client().publish(channel, get_channel_layer().serialize(message)) > 0
+    if not delivered:
+        logger.warning("node %s: %s reached no consumer on %s", node_id, message.get("type"), channel)
+    return delivered
