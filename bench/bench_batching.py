@@ -36,11 +36,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import models
 import safetensors.torch
 import torch
 from websockets.asyncio.server import ServerConnection, serve
 
-import models
 from gridproto import PROTOCOL_VERSION
 from gridproto.frames import decode_frame, encode_frame
 from nodeagent.config import DEFAULT_BATCH_WINDOW_MS

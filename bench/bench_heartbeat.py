@@ -12,7 +12,7 @@ passed, the script reads over --window seconds:
   xact_commit and tup_updated);
 - heartbeat lag p99 from the gateway's grid_heartbeat_lag_seconds histogram
   at /metrics (sent_at on the agent to receipt on the gateway), as the upper
-  bound of the bucket that holds the 99th percentile;
+  bound of the bucket that contains the 99th percentile;
 - the simulated agents' own CPU.
 
 The open-files limit is raised with setrlimit, and the gateway inherits it.
@@ -379,14 +379,14 @@ def verdict(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def plot(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
-    made = common.new_figure(
+    figure_axes = common.new_figure(
         "One gateway process with K simulated agents",
         "agents (K)",
         "gateway CPU, cores",
     )
-    if made is None or not rows:
+    if figure_axes is None or not rows:
         return
-    figure, axes = made
+    figure, axes = figure_axes
     axes.set_xscale("log")
     counts = [row["agents"] for row in rows]
     axes.plot(

@@ -206,15 +206,15 @@ def verdict(rows: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def plot(args: argparse.Namespace, rows: dict[str, dict[str, Any]]) -> None:
-    made = common.new_figure(
+    figure_axes = common.new_figure(
         "Latency by request body size (1 client)",
         "request body, bytes",
         "latency, ms",
         ylog=True,
     )
-    if made is None:
+    if figure_axes is None:
         return
-    figure, axes = made
+    figure, axes = figure_axes
     axes.set_xscale("log")
     sizes = [row["body_bytes"] for row in rows.values()]
     for key, label, style in [

@@ -405,15 +405,15 @@ def verdict(
 
 def plot(args: argparse.Namespace, data: dict[str, Any]) -> None:
     rows = summarize(data["blocks"])
-    made = common.new_figure(
+    figure_axes = common.new_figure(
         "Grid and Ray Serve, demo CNN, same run",
         "concurrent clients",
         "requests/s",
         xlog=True,
     )
-    if made is None:
+    if figure_axes is None:
         return
-    figure, axes = made
+    figure, axes = figure_axes
     levels = list(rows)
     for name, style in [("Grid", "o-"), ("Ray Serve", "s--")]:
         if name in rows[levels[0]]:

@@ -187,7 +187,14 @@ def run(args: argparse.Namespace, work_dir: Path) -> list[dict[str, Any]]:
         # An agent's first torch.export.load in its process costs seconds of
         # imports, so a small untimed placement goes first.
         warm_archive, warm_signature = models.export_big_weight(2**20)
-        place(grid, warm_archive, warm_signature, "placement-warm-up", args.agents, args.timeout)
+        place(
+            grid,
+            warm_archive,
+            warm_signature,
+            "placement-warm-up",
+            args.agents,
+            args.timeout,
+        )
         for size in sizes:
             archive, signature = models.export_big_weight(size * 2**20)
             path = work_dir / f"big-{size}.pt2"
@@ -328,12 +335,12 @@ def verdict(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def plot(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
-    made = common.new_figure(
+    figure_axes = common.new_figure(
         "Placement on every replica", "model size, MB", "seconds", xlog=False
     )
-    if made is None or not rows:
+    if figure_axes is None or not rows:
         return
-    figure, axes = made
+    figure, axes = figure_axes
     sizes = [row["size_mb"] for row in rows]
     axes.plot(
         sizes,

@@ -3,7 +3,7 @@
 Starts a Grid stack with --agents agents (3 by default) and serves the demo's
 DigitsCNN (demo/digits.py, random weights) on every agent. Closed-loop
 clients (bench/httpload.py, in their own process) each send one image per
-request and send the next as soon as the answer arrives. Each concurrency
+request and send the next as soon as the response arrives. Each concurrency
 level runs for --seconds in each of --rounds rounds; the levels go up in one
 round and down in the next, so a change in the machine's load falls on all
 levels alike. Beside each figure: the CPU of the client, the gateway process
@@ -117,12 +117,19 @@ def measure_history(
     work_dir: Path,
 ) -> list[dict[str, Any]]:
     """Measure HISTORY_CLIENTS clients after seeding the job table to each --history size."""
-    counts = [] if args.smoke else [int(value) for value in args.history.split(",") if value]
+    counts = (
+        [] if args.smoke else [int(value) for value in args.history.split(",") if value]
+    )
     blocks = []
     for count in counts:
         jobs = seed_jobs(grid, MODEL_ID, count)
         block = load.measure_block(
-            target, bodies, clients=HISTORY_CLIENTS, seconds=args.seconds, work_dir=work_dir, pids=pids
+            target,
+            bodies,
+            clients=HISTORY_CLIENTS,
+            seconds=args.seconds,
+            work_dir=work_dir,
+            pids=pids,
         )
         del block["latencies"]
         block["jobs"] = jobs
@@ -227,7 +234,9 @@ def render(args: argparse.Namespace, data: dict[str, Any], header: list[str]) ->
     return "\n".join(lines)
 
 
-def render_history(history: list[dict[str, Any]], rows: dict[int, dict[str, Any]]) -> list[str]:
+def render_history(
+    history: list[dict[str, Any]], rows: dict[int, dict[str, Any]]
+) -> list[str]:
     """Render the runs after seeding the job table, which stand in for a gateway's history."""
     if not history:
         return []
@@ -240,21 +249,44 @@ def render_history(history: list[dict[str, Any]], rows: dict[int, dict[str, Any]
         "Every request runs a query that picks the least busy replica.",
         "",
     ]
-    headers = ["jobs in the table", "req/s", "p99, ms", "failed", "gateway CPU, cores", "gateway CPU per request, ms"]
+    headers = [
+        "jobs in the table",
+        "req/s",
+        "p99, ms",
+        "failed",
+        "gateway CPU, cores",
+        "gateway CPU per request, ms",
+    ]
     table = []
     sweep = rows.get(HISTORY_CLIENTS)
     if sweep is not None:
-        table.append(["the sweep above (fresh)", f"{sweep['rate']:,.0f}", f"{sweep['p99']:.1f}", sweep["failed"],
-                      f"{sweep['gateway_cores']:.2f}", f"{sweep['gateway_cpu_ms']:.2f}"])
+        table.append(
+            [
+                "the sweep above (fresh)",
+                f"{sweep['rate']:,.0f}",
+                f"{sweep['p99']:.1f}",
+                sweep["failed"],
+                f"{sweep['gateway_cores']:.2f}",
+                f"{sweep['gateway_cpu_ms']:.2f}",
+            ]
+        )
     for block in history:
-        table.append([f"{block['jobs']:,}", f"{block['rate']:,.0f}", f"{block['p99']:.1f}", block["failed"],
-                      f"{block['gateway_cores']:.2f}", f"{block['gateway_cpu_ms']:.2f}"])
+        table.append(
+            [
+                f"{block['jobs']:,}",
+                f"{block['rate']:,.0f}",
+                f"{block['p99']:.1f}",
+                block["failed"],
+                f"{block['gateway_cores']:.2f}",
+                f"{block['gateway_cpu_ms']:.2f}",
+            ]
+        )
     lines += common.markdown_table(headers, table)
     lines += [
         "",
         "- What holds it back: the query that picks a replica (choose_node in "
         "apps/inference/services/dispatch.py) counts running jobs with "
-        "`Count(\"node__jobs\", filter=Q(node__jobs__status=RUNNING))`, so PostgreSQL joins "
+        '`Count("node__jobs", filter=Q(node__jobs__status=RUNNING))`, so PostgreSQL joins '
         "every job each node ever ran and filters afterwards; nothing deletes old jobs. Its "
         "cost grows with the history, on PostgreSQL's CPU, which shares the 2 cores.",
     ]
@@ -263,15 +295,15 @@ def render_history(history: list[dict[str, Any]], rows: dict[int, dict[str, Any]
 
 def plot(args: argparse.Namespace, data: dict[str, Any]) -> None:
     rows = summarize(data["blocks"])
-    made = common.new_figure(
+    figure_axes = common.new_figure(
         "Grid throughput, demo CNN, 3 agents",
         "concurrent clients",
         "requests/s",
         xlog=True,
     )
-    if made is None:
+    if figure_axes is None:
         return
-    figure, axes = made
+    figure, axes = figure_axes
     levels = list(rows)
     axes.plot(
         levels,
@@ -349,7 +381,10 @@ def main() -> None:
         for level, runs in data["blocks"].items()
     }
     common.write_result(
-        args, NAME, markdown, {"blocks": stored, "limits": data["limits"], "history": data["history"]}
+        args,
+        NAME,
+        markdown,
+        {"blocks": stored, "limits": data["limits"], "history": data["history"]},
     )
     plot(args, data)
 

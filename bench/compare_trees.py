@@ -29,12 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import common
-import gridsite.stack
 import load
 import models
 from common import median, percentile, read_process
 from gridstack import GridStack, seed_jobs, serve, start_grid, stop_grid
 from httpload import SyncClient, build_request
+
+import gridsite.stack
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,9 @@ def start_tree(root: Path, work_dir: Path, agents: int) -> GridStack:
         gridsite.stack.ROOT = saved
 
 
-def measure_latency(grids: dict[str, GridStack], count: int) -> dict[str, dict[str, float]]:
+def measure_latency(
+    grids: dict[str, GridStack], count: int
+) -> dict[str, dict[str, float]]:
     import safetensors.torch
     import torch
 
@@ -64,12 +67,16 @@ def measure_latency(grids: dict[str, GridStack], count: int) -> dict[str, dict[s
     clients = {}
     for name, grid in grids.items():
         target = load.grid_target(grid, SUM_ID)
-        request = build_request(target.host, target.port, target.path, body, target.headers)
+        request = build_request(
+            target.host, target.port, target.path, body, target.headers
+        )
         clients[name] = (SyncClient(target.host, target.port), request)
     latencies: dict[str, list[float]] = {name: [] for name in grids}
     names = list(grids)
     try:
-        before = {name: read_process(grid.pid("gateway")) for name, grid in grids.items()}
+        before = {
+            name: read_process(grid.pid("gateway")) for name, grid in grids.items()
+        }
         for index in range(count):
             shift = index % len(names)
             for name in names[shift:] + names[:shift]:
@@ -77,9 +84,13 @@ def measure_latency(grids: dict[str, GridStack], count: int) -> dict[str, dict[s
                 started = time.perf_counter()
                 response = client.request(request)
                 if response.status != 200:
-                    raise RuntimeError(f"{name}: request failed with {response.status}: {response.body[:200]!r}")
+                    raise RuntimeError(
+                        f"{name}: request failed with {response.status}: {response.body[:200]!r}"
+                    )
                 latencies[name].append((time.perf_counter() - started) * 1000)
-        after = {name: read_process(grid.pid("gateway")) for name, grid in grids.items()}
+        after = {
+            name: read_process(grid.pid("gateway")) for name, grid in grids.items()
+        }
     finally:
         for client, _ in clients.values():
             client.close()
@@ -87,7 +98,9 @@ def measure_latency(grids: dict[str, GridStack], count: int) -> dict[str, dict[s
         name: {
             "p50": percentile(latencies[name], 0.5),
             "p99": percentile(latencies[name], 0.99),
-            "gateway_cpu_ms": 1000 * (after[name].cpu_seconds - before[name].cpu_seconds) / count,
+            "gateway_cpu_ms": 1000
+            * (after[name].cpu_seconds - before[name].cpu_seconds)
+            / count,
         }
         for name in grids
     }
@@ -123,12 +136,37 @@ def measure_throughput(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tree", action="append", required=True, metavar="NAME=PATH", help="a source tree to start a gateway from; repeat, the first is the baseline")
-    parser.add_argument("--agents", type=int, default=2, help="agents per stack (default: 2)")
-    parser.add_argument("--seed-jobs", type=int, default=0, help="finished jobs to put in each job table first (default: 0)")
-    parser.add_argument("--requests", type=int, default=500, help="sequential 64 KB requests per tree (default: 500)")
-    parser.add_argument("--rounds", type=int, default=3, help="throughput rounds (default: 3)")
-    parser.add_argument("--seconds", type=float, default=4.0, help="seconds per throughput block (default: 4)")
+    parser.add_argument(
+        "--tree",
+        action="append",
+        required=True,
+        metavar="NAME=PATH",
+        help="a source tree to start a gateway from; repeat, the first is the baseline",
+    )
+    parser.add_argument(
+        "--agents", type=int, default=2, help="agents per stack (default: 2)"
+    )
+    parser.add_argument(
+        "--seed-jobs",
+        type=int,
+        default=0,
+        help="finished jobs to put in each job table first (default: 0)",
+    )
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=500,
+        help="sequential 64 KB requests per tree (default: 500)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="throughput rounds (default: 3)"
+    )
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=4.0,
+        help="seconds per throughput block (default: 4)",
+    )
     args = parser.parse_args()
     common.configure()
     trees = {}
@@ -136,7 +174,9 @@ def main() -> None:
         name, _, path = entry.partition("=")
         root = Path(path).resolve()
         if not (root / "gridsite" / "asgi.py").exists():
-            parser.error(f"--tree {entry}: {root} is not a Grid source tree (no gridsite/asgi.py)")
+            parser.error(
+                f"--tree {entry}: {root} is not a Grid source tree (no gridsite/asgi.py)"
+            )
         trees[name] = root
 
     load_before = common.load_average()
@@ -159,21 +199,36 @@ def main() -> None:
                 stop_grid(grid)
 
     baseline = next(iter(trees))
-    print(f"\nMachine: {common.machine_summary()}; load average {common.format_load(load_before)} "
-          f"at the start, {common.format_load(common.load_average())} at the end.")
-    headers = ["tree", "64 KB p50, ms", "64 KB p99, ms", "gateway CPU per request, ms",
-               f"{CLIENTS} clients, req/s", f"ratio to {baseline} (each round)",
-               f"gateway CPU per request at {CLIENTS} clients, ms"]
+    print(
+        f"\nMachine: {common.machine_summary()}; load average {common.format_load(load_before)} "
+        f"at the start, {common.format_load(common.load_average())} at the end."
+    )
+    headers = [
+        "tree",
+        "64 KB p50, ms",
+        "64 KB p99, ms",
+        "gateway CPU per request, ms",
+        f"{CLIENTS} clients, req/s",
+        f"ratio to {baseline} (each round)",
+        f"gateway CPU per request at {CLIENTS} clients, ms",
+    ]
     table = []
     for name in trees:
-        ratios = [block["rate"] / base["rate"] for block, base in zip(blocks[name], blocks[baseline])]
-        table.append([
-            name, f"{latency[name]['p50']:.2f}", f"{latency[name]['p99']:.2f}",
-            f"{latency[name]['gateway_cpu_ms']:.2f}",
-            f"{median([block['rate'] for block in blocks[name]]):.0f}",
-            ", ".join(f"{ratio:.2f}" for ratio in ratios),
-            f"{median([block['gateway_cpu_ms'] for block in blocks[name]]):.2f}",
-        ])
+        ratios = [
+            block["rate"] / base["rate"]
+            for block, base in zip(blocks[name], blocks[baseline])
+        ]
+        table.append(
+            [
+                name,
+                f"{latency[name]['p50']:.2f}",
+                f"{latency[name]['p99']:.2f}",
+                f"{latency[name]['gateway_cpu_ms']:.2f}",
+                f"{median([block['rate'] for block in blocks[name]]):.0f}",
+                ", ".join(f"{ratio:.2f}" for ratio in ratios),
+                f"{median([block['gateway_cpu_ms'] for block in blocks[name]]):.2f}",
+            ]
+        )
     print("\n".join(common.markdown_table(headers, table)))
 
 

@@ -79,7 +79,9 @@ class Fleet:
 
     async def run_agent(self, index: int, name: str, token: str) -> None:
         # Agent i starts its handshake i / connect_rate seconds in.
-        await asyncio.sleep(max(0.0, self.started + index / self.connect_rate - time.monotonic()))
+        await asyncio.sleep(
+            max(0.0, self.started + index / self.connect_rate - time.monotonic())
+        )
         async with self.connect_slots:
             try:
                 websocket = await connect(

@@ -417,5 +417,7 @@ def seed_jobs(grid: GridStack, model_id: str, total: int) -> int:
         timeout=600,
     )
     if result.returncode != 0:
-        raise RuntimeError(f"seeding jobs with manage.py shell failed:\n{result.stderr[-3000:]}")
+        raise RuntimeError(
+            f"seeding jobs with manage.py shell failed:\n{result.stderr[-3000:]}"
+        )
     return int(result.stdout.strip().splitlines()[-1])

@@ -29,7 +29,9 @@ SECTIONS = [
     ("batching", "bench_batching.py", "Dynamic batching in the agent"),
 ]
 # A verdict line: "- Target...: ... met." or "...: MISSED.", or one per signal.
-TARGET_LINE = re.compile(r"^- (Target|SIGKILL|SIGSTOP)[^:]*:.*(: met\.|: MISSED\.|not measured).*$")
+TARGET_LINE = re.compile(
+    r"^- (Target|SIGKILL|SIGSTOP)[^:]*:.*(: met\.|: MISSED\.|not measured).*$"
+)
 
 
 def demote(markdown: str) -> str:
@@ -86,7 +88,7 @@ def render(results_dir: Path) -> str:
                 lines.append(f"- {title}: {line[2:]}")
     analysis = results_dir / "analysis.md"
     if analysis.exists():
-        lines += ["", demote(analysis.read_text())]
+        lines += ["", "## Where the time goes", "", demote(analysis.read_text())]
     for name, script, title in SECTIONS:
         lines += [
             "",

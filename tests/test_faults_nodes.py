@@ -65,6 +65,8 @@ def network(tmp_path_factory):
         GRID_MAX_ATTEMPTS=str(MAX_ATTEMPTS),
         GRID_PLACEMENT_TIMEOUT=str(PLACEMENT_TIMEOUT),
         GRID_INFER_TIMEOUT="15",
+        # No other gateway process takes the agents at the end, so do not wait for one.
+        GRID_SHUTDOWN_DRAIN="1",
     )
     net.model = tiny_model()
     serve(net, net.model, MODEL, replicas=3)
@@ -84,13 +86,13 @@ def send_under_load(network, inputs: torch.Tensor, fault_at: int, fault, timeout
         return [future.result() for future in futures]
 
 
-def restart_agent(network, name: str, **env: str) -> None:
-    """Stop an agent with SIGTERM and start it again with ``env`` added."""
-    process = network.stack.processes[name]
-    if process.poll() is None:
-        network.stack.kill(name, signal.SIGTERM)
-        process.wait(timeout=20)
-    network.start_agent(name, **{**AGENT_ENV, **env})
+def restart_agents(network, **env: str) -> None:
+    """SIGKILL every agent and start them all again with ``env`` added."""
+    for name in network.node_tokens:
+        if network.stack.processes[name].poll() is None:
+            network.stack.kill(name, signal.SIGKILL)
+    for name in network.node_tokens:
+        network.start_agent(name, **{**AGENT_ENV, **env})
 
 
 def hello_for(network, name: str) -> dict:
@@ -285,8 +287,7 @@ def test_gateway_killed_under_load(network):
 
 def test_crashing_input_bounded(network):
     """Every agent exits on an inference request: the job stops after MAX_ATTEMPTS nodes."""
-    for name in network.node_tokens:
-        restart_agent(network, name, GRID_AGENT_FAULT="crash-on-infer")
+    restart_agents(network, GRID_AGENT_FAULT="crash-on-infer")
     network.wait_online(3)
     wait_for(lambda: len(ready_replicas(network, MODEL)) == 3, "three replicas ready", timeout=40)
     since = db_now(network)

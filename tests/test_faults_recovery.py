@@ -31,7 +31,10 @@ from apps.inference.views import ModelListView
 from apps.registry import presence, services
 from apps.registry.models import Node
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db
+# For tests whose code queries the database from another thread, which reads
+# only committed rows.
+committed = pytest.mark.django_db(transaction=True)
 
 LONG_AGO = dt.timedelta(hours=1)
 
@@ -96,6 +99,7 @@ def test_sweep_spares_node_that_reconnected(node):
     assert Node.objects.get(pk=node.pk).status == "online"
 
 
+@committed
 def test_sweep_takes_silent_node_offline(node):
     Node.objects.filter(pk=node.pk).update(connected_since=timezone.now() - LONG_AGO)
 
@@ -108,6 +112,7 @@ def test_sweep_takes_silent_node_offline(node):
 # Presence lost in a Redis restart.
 
 
+@committed
 async def test_heartbeat_restores_lost_presence(node):
     restored = await presence.record_live_heartbeat(node.pk, "channel-new", 2)
 
@@ -116,6 +121,7 @@ async def test_heartbeat_restores_lost_presence(node):
     await presence.release_presence(node.pk, "channel-new")
 
 
+@committed
 async def test_heartbeat_keeps_newer_socket(node):
     await presence.claim_presence(node.pk, "channel-newer")
 
@@ -164,6 +170,7 @@ def test_unstarted_rollout_found(user, node):
 # A job.done message lost on the way to the waiting request.
 
 
+@committed
 async def test_wait_reads_row_when_notice_lost(settings, user, node):
     settings.GRID = {**settings.GRID, "ATTEMPT_TIMEOUT": 0.2}
     model = await asyncio.to_thread(make_model, user)
@@ -195,6 +202,7 @@ def infer_body() -> bytes:
     return save({"input": np.zeros((2, 4), np.float32)})
 
 
+@committed
 async def test_async_view_database_error_is_503(monkeypatch, token):
     def unreachable(*args, **kwargs):
         raise OperationalError("connection refused")

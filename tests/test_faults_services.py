@@ -58,6 +58,8 @@ def network(tmp_path_factory):
             GRID_REDIS_URL=redis_server.url,
             GRID_ATTEMPT_TIMEOUT=str(ATTEMPT_TIMEOUT),
             GRID_INFER_TIMEOUT="10",
+            # No other gateway process takes the agents at the end, so do not wait for one.
+            GRID_SHUTDOWN_DRAIN="1",
         )
         net.redis_server = redis_server
         net.postgres = postgres

@@ -57,6 +57,8 @@ def network(tmp_path_factory):
         GRID_MAX_INFER_BYTES=str(MAX_INFER_BYTES),
         GRID_MAX_UPLOAD_BYTES=str(MAX_UPLOAD_BYTES),
         GRID_WS_MAX_BYTES=str(WS_MAX_BYTES),
+        # No other gateway process takes the agent at the end, so do not wait for one.
+        GRID_SHUTDOWN_DRAIN="1",
     )
     net.intruder_token = net.stack.manage("createnode", "intruder")
     net.model = tiny_model()
@@ -227,11 +229,15 @@ def test_oversized_frames_close_1009(network):
     text = [send_oversized(network, 0x1) for _ in range(10)]
     rss_after, peak_after = memory_kib(network)
 
+    # Each closed socket's consumer must end too, not linger until the process exits.
+    log = wait_for(lambda: (seen := log_text(network, "gateway")).count("(intruder) connected") == seen.count("(intruder) disconnected") and seen, "every intruder consumer ended", timeout=15)
+
     assert [code for code, _ in binary] == [1009] * 10
     assert [code for code, _ in text] == [1009] * 10
     assert max(seconds for _, seconds in binary + text) < 5
     assert (rss_after - rss_before) * 1024 < MEMORY_SLACK
     assert (peak_after - peak_before) * 1024 < MEMORY_SLACK
+    assert log.count("(intruder) disconnected") >= 21
 
 
 def test_large_invalid_frames_rejected(network):
