@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from channels.db import database_sync_to_async
 from django.conf import settings
-from django.db.models import Count, F, Q
+from django.db.models import Count, F, FilteredRelation, Q
 from django.utils import timezone
 
 from apps.inference import payloads
@@ -63,7 +63,10 @@ def choose_node(model_pk: int, exclude: list[int] | tuple[int, ...] = (), *, wit
     rows = list(
         Placement.objects.filter(version, model_id=model_pk, status=Placement.Status.READY, node__status=Node.Status.ONLINE)
         .exclude(node_id__in=list(exclude))
-        .annotate(busy=Count("node__jobs", filter=Q(node__jobs__status=Running)))
+        # A filtered join reads only running jobs through the (node, status)
+        # index; a filter inside Count would scan each node's whole job history.
+        .annotate(running_jobs=FilteredRelation("node__jobs", condition=Q(node__jobs__status=Running)))
+        .annotate(busy=Count("running_jobs"))
         .values_list("node_id", "busy", "node__concurrency")
     )
     if with_room:
