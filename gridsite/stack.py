@@ -51,11 +51,11 @@ def gateway_command(port: int, env: dict[str, str], host: str = "127.0.0.1") -> 
     """Build the uvicorn command line of one gateway process.
 
     ``--lifespan on`` lets SIGTERM move agents to other gateway processes
-    before this one exits (gridsite.lifespan). ``websockets-sansio`` and not
-    the legacy ``websockets`` protocol: after a frame over ``--ws-max-size``
-    whose payload never arrives, uvicorn 0.55's legacy implementation closes
-    the socket with 1009 but never tells the consumer, which then stays alive
-    until the process exits.
+    before this one exits (gridsite.lifespan). The protocol is
+    ``websockets-sansio``, not the legacy ``websockets``. After a frame over
+    ``--ws-max-size`` whose payload never arrives, uvicorn 0.55's legacy
+    implementation closes the socket with 1009 but sends the consumer no
+    disconnect event, so the consumer stays alive until the process exits.
     """
     ws_max = env.get("GRID_WS_MAX_BYTES", str(64 * 1024**2))
     return [

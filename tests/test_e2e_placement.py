@@ -44,13 +44,14 @@ def upload(network, model: nn.Module, model_id: str, signature: list[dict], **fi
 def wait_settled(network, model_id: str) -> dict:
     import time
 
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    # "degraded" can be a passing state: after one node fails a load, the
+    # model shows fewer replicas until the next placement task runs.
+    deadline = time.monotonic() + 60
+    while True:
         info = httpx.get(f"{network.stack.url}/api/models/{model_id}/", headers=auth(network)).json()
-        if info["status"] != "placing":
+        if info["status"] not in ("placing", "degraded") or time.monotonic() > deadline:
             return info
         time.sleep(0.2)
-    raise AssertionError(f"model {model_id} still placing after 30 s")
 
 
 class Linear(nn.Module):
