@@ -1,7 +1,7 @@
 """Send inference jobs to nodes, fail them over, and record exactly one outcome.
 
 Every state change is a conditional UPDATE on (status, node, attempts), so when
-a late answer, a failover and a timeout race, exactly one of them wins and the
+a late result, a failover and a timeout race, exactly one of them wins and the
 others see zero rows updated and stand down. Nothing here waits for an agent:
 callers that want the result wait on their reply channel (apps.inference.mailbox).
 """
@@ -42,7 +42,7 @@ class NoReplicaError(Exception):
 
 @dataclass(frozen=True)
 class Outcome:
-    """What a waiting request is told when its job ends."""
+    """The outcome a waiting request receives when its job ends."""
 
     status: str
     error_code: str
@@ -253,7 +253,7 @@ async def finish_job(job_id: str, *, node_id: int, attempt: int, reply_channel: 
     code = "" if output is not None else "model_error"
     won = await database_sync_to_async(_finish)(job_id, node_id=node_id, attempt=attempt, status=status, code=code, error=error[:4000], compute_ms=compute_ms)
     if not won:
-        logger.info("ignored late or duplicate answer for job %s attempt %s from node %s", job_id, attempt, node_id)
+        logger.info("ignored late or duplicate result for job %s attempt %s from node %s", job_id, attempt, node_id)
         return False
     inline = output if output is not None and len(output) <= INLINE_BYTES else None
     if output is not None and inline is None:
